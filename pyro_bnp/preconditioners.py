@@ -1,12 +1,12 @@
-"""Preconditioners for stochastic gradient Langevin dynamics (pure torch).
+r"""Preconditioners for stochastic gradient Langevin dynamics (pure torch).
 
 Every preconditioner here is ONE object that gives both halves of the SGLD update, so the
 drift and the noise can never disagree (the BlackJAX ``metrics`` habit):
 
 .. math::
 
-    \\theta \\leftarrow \\theta - \\frac{\\epsilon}{2} M \\nabla \\hat U(\\theta)
-        + \\sqrt{\\epsilon T}\\, A \\xi, \\qquad M = A A^\\top, \\quad \\xi \\sim N(0, I).
+    \theta \leftarrow \theta - \frac{\epsilon}{2} M \nabla \hat U(\theta)
+        + \sqrt{\epsilon T}\, A \xi, \qquad M = A A^\top, \quad \xi \sim N(0, I).
 
 * :meth:`Preconditioner.drift` returns ``M g``;
 * :meth:`Preconditioner.noise` returns ``A xi``;
@@ -99,6 +99,10 @@ class Preconditioner:
 
     #: short name recorded in exports and progress bars
     name = "identity"
+    #: the kernel calls :meth:`freeze` at the end of warmup when this is true
+    freeze_after_warmup = False
+    #: the kernel finds network layers and passes them to :meth:`init` when this is true
+    needs_layers = False
 
     def __init__(self) -> None:
         self.frozen = False
@@ -222,12 +226,18 @@ class RMSprop(Preconditioner):
         Decay of the squared-gradient average, in ``[0, 1)``.
     eps : float
         ``lambda``, added to ``sqrt(V)``; must be positive.
+    freeze_after_warmup : bool
+        Freeze ``V`` at the end of warmup (the kernel calls :meth:`freeze`): the sampling
+        phase is then an exact SGLD with a constant diagonal ``M``.
     """
 
     name = "rmsprop"
 
-    def __init__(self, alpha: float = 0.99, eps: float = 1e-5) -> None:
+    def __init__(
+        self, alpha: float = 0.99, eps: float = 1e-5, freeze_after_warmup: bool = False
+    ) -> None:
         super().__init__()
+        self.freeze_after_warmup = bool(freeze_after_warmup)
         if not (0.0 <= alpha < 1.0) or not math.isfinite(alpha):
             raise ValueError(f"RMSprop: alpha must be in [0, 1), got {alpha!r}")
         if not (eps > 0.0) or not math.isfinite(eps):
@@ -264,7 +274,7 @@ class RMSprop(Preconditioner):
         self._g = {k: 1.0 / (v.sqrt() + self.eps) for k, v in self.v.items()}
 
     def diagonal(self) -> Params:
-        """The current diagonal ``G`` of ``M`` per site."""
+        """Return the current diagonal ``G`` of ``M`` per site."""
         return self._g
 
     def drift(self, grads: Mapping[str, Tensor]) -> Params:
@@ -289,4 +299,8 @@ class RMSprop(Preconditioner):
 
     def config(self) -> dict[str, Any]:
         """Return ``alpha`` and ``eps``."""
-        return {"alpha": self.alpha, "eps": self.eps}
+        return {
+            "alpha": self.alpha,
+            "eps": self.eps,
+            "freeze_after_warmup": self.freeze_after_warmup,
+        }

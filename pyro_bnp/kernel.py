@@ -1,0 +1,642 @@
+r"""The Pyro glue: :class:`SGLD`, a :class:`~pyro.infer.mcmc.mcmc_kernel.MCMCKernel`.
+
+The kernel is a thin holder of state. The numerics live in
+:mod:`pyro_bnp.preconditioners`, :mod:`pyro_bnp.bnp` and :mod:`pyro_bnp.schedules`
+(pure torch); layer statistics in :mod:`pyro_bnp.layers`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.autoguide.initialization import (
+    InitMessenger,
+    init_to_median,
+    init_to_sample,
+)
+from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from pyro.poutine import trace
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+from torch import Tensor, nn
+from torch.distributions import biject_to
+from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
+
+from pyro_bnp.preconditioners import Identity, LayerRef, Preconditioner, RMSprop
+
+__all__ = ["SGLD", "init_to_median_or_sample"]
+
+Schedule = Callable[[int], float]
+
+
+def init_to_median_or_sample(site: dict | None = None, num_samples: int = 15) -> Any:
+    """Initialise a site to its prior median, or to a prior draw for matrix-shaped sites.
+
+    SGLD has no accept/reject step, so where a chain starts matters: Pyro's HMC default
+    (uniform in ``[-2, 2]`` on the unconstrained space) can throw a scale parameter so far that
+    the first gradients explode. The prior median is safe for ordinary sites. Sites with two or
+    more dimensions (network weights) get a prior draw instead, because a median of zero makes
+    every hidden unit identical and the symmetry is never broken.
+
+    Parameters
+    ----------
+    site : dict, optional
+        A Pyro sample message; without it the configured strategy is returned.
+    num_samples : int
+        Draws used for the empirical median.
+    """
+    if site is None:
+        return functools.partial(init_to_median_or_sample, num_samples=num_samples)
+    if len(site["fn"].shape()) >= 2:
+        return init_to_sample(site)
+    return init_to_median(site, num_samples=num_samples)
+
+
+class _Plates(Messenger):
+    """Inject subsample indices into ``pyro.plate`` sites and record the plates seen."""
+
+    def __init__(self, indices: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.indices = indices
+        self.seen: dict[str, tuple[int, int | None]] = {}
+
+    def _pyro_sample(self, msg: Any) -> None:
+        fn = msg["fn"]
+        if not isinstance(fn, _Subsample):
+            return
+        name = msg["name"]
+        self.seen[name] = (fn.size, fn.subsample_size)
+        idx = self.indices.get(name)
+        if idx is not None and msg["value"] is None:
+            if fn.subsample_size is not None and fn.subsample_size != len(idx):
+                raise ValueError(
+                    f"plate {name!r} sets subsample_size={fn.subsample_size} in the model, but "
+                    f"the kernel's subsample_size asks for {len(idx)}: set it in one place only"
+                )
+            msg["value"] = idx
+
+
+class _LogJoint(_Plates):
+    """Condition latent sites, inject plate indices and add up ``scale * log_prob``.
+
+    A lighter replacement for ``poutine.trace`` + ``poutine.condition``: nothing is recorded but
+    the running sum of the log density.
+    """
+
+    def __init__(self, values: Mapping[str, Tensor], indices: Mapping[str, Tensor]) -> None:
+        super().__init__(indices)
+        self.values = values
+        self.total: Tensor | float = 0.0
+
+    def _pyro_sample(self, msg: Any) -> None:
+        super()._pyro_sample(msg)
+        value = self.values.get(msg["name"])
+        if value is not None and not msg["is_observed"]:
+            msg["value"] = value
+            msg["is_observed"] = True
+
+    def _pyro_post_sample(self, msg: Any) -> None:
+        if isinstance(msg["fn"], _Subsample) or msg["infer"].get("_deterministic"):
+            return
+        log_prob = msg["fn"].log_prob(msg["value"])
+        self.total = self.total + scale_and_mask(log_prob, msg["scale"], msg["mask"]).sum()
+
+
+def _is_identity(t: Transform) -> bool:
+    while isinstance(t, IndependentTransform):
+        t = t.base_transform
+    return isinstance(t, ComposeTransform) and not t.parts
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    ok = value >= 0.0 if allow_zero else value > 0.0
+    if not ok or not math.isfinite(value):
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be {kind} and finite, got {value!r}")
+    return value
+
+
+def _make_preconditioner(spec: str | Preconditioner) -> Preconditioner:
+    if isinstance(spec, Preconditioner):
+        return spec
+    if spec == "identity":
+        return Identity()
+    if spec == "rmsprop":
+        return RMSprop()
+    if spec in ("bnp", "bnp+rmsprop"):
+        from pyro_bnp.bnp import BNP
+
+        return BNP(rmsprop=RMSprop() if spec == "bnp+rmsprop" else None)
+    raise ValueError(
+        "preconditioner must be 'identity', 'rmsprop', 'bnp', 'bnp+rmsprop' or a "
+        f"pyro_bnp.Preconditioner instance, got {spec!r}"
+    )
+
+
+class SGLD(MCMCKernel):
+    r"""Stochastic gradient Langevin dynamics with BNP, RMSprop or no preconditioning.
+
+    Targets the tempered posterior :math:`\pi_T(\theta) \propto \exp(-U(\theta) / T)` with
+    :math:`U = -\log p(y \mid \theta) - \log p(\theta)` on Pyro's unconstrained space
+    (log-det-Jacobians included), through the update
+
+    .. math::
+
+        \theta_{t+1} = \theta_t - \frac{\epsilon_t}{2} M \nabla \hat U(\theta_t)
+            + \sqrt{\epsilon_t T}\, A \xi_t, \qquad M = A A^\top,\ \xi_t \sim N(0, I),
+
+    where :math:`\hat U` is the mini-batch estimate of ``U`` (the likelihood of ``B`` rows of
+    a plate of ``N`` rows, scaled by ``N / B``, exactly what ``pyro.plate`` does when it
+    subsamples). No Metropolis correction is made: the chain is biased by ``O(eps)``, as every
+    SGLD is. Conventions: our ``eps`` is the variance of the injected noise (for ``T = 1``), the
+    drift is ``eps / 2`` times the gradient. The ``posteriors`` library and BlackJAX's ``sgld``
+    write the drift step as ``lr * grad`` with noise variance ``2 lr``: their ``lr`` is our
+    ``eps / 2``.
+
+    Parameters
+    ----------
+    model : callable
+        A Pyro model. Network weights must be sampled *before* the data plate is entered.
+    step_size : float or callable
+        ``eps``: a positive float, or a schedule ``step -> float`` (see
+        :mod:`pyro_bnp.schedules`) evaluated at every update (0-based, warmup included).
+    subsample_size : None, int or dict
+        ``None``: the model's plates decide (full data unless the model subsamples itself).
+        ``{plate_name: B}``: the kernel feeds plate ``plate_name`` with ``B`` indices per update,
+        in shuffled epochs without replacement. An ``int``: the model has exactly one plate that
+        holds observations; finding it costs one full-data run of the model at set-up.
+    preconditioner : str or Preconditioner
+        ``"bnp"`` (default), ``"bnp+rmsprop"``, ``"rmsprop"`` (pSGLD), ``"identity"`` (plain
+        SGLD) or an instance such as :class:`pyro_bnp.RMSprop`.
+    temperature : float
+        ``T >= 0``; ``T < 1`` gives a cold posterior, ``T = 0`` a (preconditioned) gradient
+        descent.
+    thin : int
+        Updates per returned draw (warmup draws included), so a run makes
+        ``(warmup_steps + num_samples) * thin`` gradient evaluations.
+    init_strategy : callable
+        A Pyro init strategy; default :func:`init_to_median_or_sample`. User
+        ``initial_params`` (unconstrained, as for HMC) take precedence.
+    modules : nn.Module or iterable of nn.Module, optional
+        The networks whose layer inputs BNP reads. Default: the model itself if it is an
+        ``nn.Module`` (a ``PyroModule``); a plain-function model that closes over a network
+        names it here.
+    max_rejections : int
+        A step whose log density or gradient is not finite is rejected (the chain stays where
+        it was and the draw is flagged ``diverging``); this many rejections in a row raise an
+        error.
+
+    Examples
+    --------
+    >>> kernel = SGLD(model, step_size=1e-4, subsample_size={"data": 128})  # doctest: +SKIP
+    >>> mcmc = pyro.infer.MCMC(kernel, num_samples=500, warmup_steps=500)  # doctest: +SKIP
+    >>> mcmc.run(x, y)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        step_size: float | Schedule = 1e-4,
+        *,
+        subsample_size: int | Mapping[str, int] | None = None,
+        preconditioner: str | Preconditioner = "bnp",
+        temperature: float = 1.0,
+        thin: int = 1,
+        init_strategy: Callable[..., Any] = init_to_median_or_sample,
+        modules: nn.Module | Iterable[nn.Module] | None = None,
+        max_rejections: int = 20,
+    ) -> None:
+        if not callable(model):
+            raise ValueError(f"model must be callable, got {type(model).__name__}")
+        self.model = model
+        if callable(step_size):
+            self.step_size: float | Schedule = step_size
+        else:
+            self.step_size = _check_positive("step_size", step_size)
+        self.temperature = _check_positive("temperature", temperature, allow_zero=True)
+        if isinstance(thin, bool) or not isinstance(thin, int) or thin < 1:
+            raise ValueError(f"thin must be a positive int, got {thin!r}")
+        self.thin = thin
+        if isinstance(max_rejections, bool) or not isinstance(max_rejections, int):
+            raise ValueError(f"max_rejections must be a positive int, got {max_rejections!r}")
+        if max_rejections < 1:
+            raise ValueError(f"max_rejections must be a positive int, got {max_rejections!r}")
+        self.max_rejections = max_rejections
+        self.subsample_size = self._check_subsample(subsample_size)
+        self.preconditioner = _make_preconditioner(preconditioner)
+        self.init_strategy = init_strategy
+        if modules is None:
+            self.modules: tuple[nn.Module, ...] = (model,) if isinstance(model, nn.Module) else ()
+        elif isinstance(modules, nn.Module):
+            self.modules = (modules,)
+        else:
+            self.modules = tuple(modules)
+            for m in self.modules:
+                if not isinstance(m, nn.Module):
+                    raise ValueError(f"modules must be nn.Module instances, got {type(m)}")
+        self._user_initial_params: dict[str, Tensor] | None = None
+        self.transforms: dict[str, Transform] | None = None
+        self._reset()
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _check_subsample(spec: Any) -> int | dict[str, int] | None:
+        if spec is None:
+            return None
+        if isinstance(spec, Mapping):
+            out = {}
+            for name, b in spec.items():
+                if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                    raise ValueError(f"subsample_size[{name!r}] must be a positive int, got {b!r}")
+                out[str(name)] = b
+            return out
+        if isinstance(spec, bool) or not isinstance(spec, int) or spec < 1:
+            raise ValueError(f"subsample_size must be None, a positive int or a dict, got {spec!r}")
+        return spec
+
+    # ------------------------------------------------------------------ state
+    def _reset(self) -> None:
+        self._args: tuple[Any, ...] = ()
+        self._kwargs: dict[str, Any] = {}
+        self._warmup_steps = 0
+        self._initial_params: dict[str, Tensor] | None = None
+        self._to_constrained: dict[str, Transform] = {}
+        self._identity: set[str] = set()
+        self._inject: dict[str, tuple[int, int]] = {}  # plates the kernel feeds
+        self._own_plates: dict[str, tuple[int, int]] = {}  # plates the model subsamples
+        self._perms: dict[str, Tensor] = {}
+        self._pos: dict[str, int] = {}
+        self._rng: torch.Generator | None = None
+        self._rng_seed = 0
+        self._started = False
+        self._hooks: Any = None
+        self._layers: tuple[LayerRef, ...] = ()
+        self._t = 0  # SGLD updates done
+        self._draw = 0  # calls to sample()
+        self._lp = math.nan
+        self._grads: dict[str, Tensor] = {}
+        self._eps = math.nan
+        self._rejected_in_row = 0
+        self._num_data = 1.0
+        self._stats: dict[str, list[Any]] = {
+            "lp": [],
+            "step_size": [],
+            "grad_norm": [],
+            "diverging": [],
+        }
+        self._warmup_divergences = 0
+
+    @property
+    def initial_params(self) -> dict[str, Tensor]:
+        """Unconstrained initial parameters of the current chain (set by :meth:`setup`)."""
+        if self._initial_params is not None:
+            return self._initial_params
+        return self._user_initial_params or {}
+
+    @initial_params.setter
+    def initial_params(self, params: Mapping[str, Tensor] | None) -> None:
+        self._user_initial_params = None if params is None else dict(params)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, warmup_steps: int, *args: Any, **kwargs: Any) -> None:
+        """Reset all state for a new chain, find the latent sites and initialise them.
+
+        Cheap: one run of the model on one mini-batch (on the full data when
+        ``subsample_size`` is an int). Hooks and the first gradient evaluation wait for the
+        first :meth:`sample` call, so ``setup(0, ...)`` (Pyro calls it to read
+        :attr:`transforms`) leaves nothing behind.
+        """
+        self.cleanup()
+        self._reset()
+        self._warmup_steps = int(warmup_steps)
+        self._args, self._kwargs = args, kwargs
+        self._rng_seed = int(torch.randint(0, 2**62, ()).item())
+        self._rng = torch.Generator().manual_seed(self._rng_seed)
+
+        user = self._user_initial_params
+
+        indices: dict[str, Tensor]
+        if isinstance(self.subsample_size, dict):
+            indices = {k: torch.arange(b) for k, b in self.subsample_size.items()}
+        else:
+            indices = {}
+        plates = _Plates(indices)
+        with plates, torch.no_grad():
+            tr = trace(InitMessenger(self.init_strategy)(self.model)).get_trace(*args, **kwargs)
+        self._resolve_plates(plates.seen, tr)
+
+        to_constrained: dict[str, Transform] = {}
+        z0: dict[str, Tensor] = {}
+        for name, site in tr.nodes.items():
+            if (
+                site["type"] != "sample"
+                or site["is_observed"]
+                or isinstance(site["fn"], _Subsample)
+            ):
+                continue
+            fn: Any = site["fn"]
+            if fn.support.is_discrete:
+                raise ValueError(
+                    f"site {name!r} is a discrete latent variable ({type(fn).__name__}); SGLD "
+                    "needs continuous latent sites: marginalise it out or make it observed"
+                )
+            for frame in site["cond_indep_stack"]:
+                if frame.name in self._inject or frame.name in self._own_plates:
+                    raise ValueError(
+                        f"latent site {name!r} is inside the subsampled plate {frame.name!r}: "
+                        "local latent variables are not supported; sample it outside the data "
+                        "plate"
+                    )
+            t = biject_to(fn.support)
+            to_constrained[name] = t
+            z0[name] = t.inv(site["value"]).detach()
+        if not z0:
+            raise ValueError("the model has no latent sample sites to sample")
+        # Pyro's convention: ``transforms`` map the constrained space to the unconstrained one.
+        self.transforms = {k: t.inv for k, t in to_constrained.items()}
+        self._to_constrained = to_constrained
+        self._identity = {k for k, t in to_constrained.items() if _is_identity(t)}
+        if user is not None:
+            for name, v in user.items():
+                if name not in z0:
+                    raise ValueError(
+                        f"initial_params has {name!r}, which is not a latent site; the latent "
+                        f"sites are {sorted(z0)}"
+                    )
+                if tuple(v.shape) != tuple(z0[name].shape):
+                    raise ValueError(
+                        f"initial_params[{name!r}] has shape {tuple(v.shape)}, the site has "
+                        f"{tuple(z0[name].shape)}"
+                    )
+                z0[name] = v.detach().to(z0[name].dtype)
+        self._initial_params = z0
+        self._num_data = self._count_data(tr)
+
+    def _resolve_plates(self, seen: Mapping[str, tuple[int, int | None]], tr: Any) -> None:
+        spec = self.subsample_size
+        if isinstance(spec, int):
+            holders = []
+            for name, (size, sub) in seen.items():
+                if sub is not None and sub < size:
+                    continue
+                has_obs = any(
+                    s["type"] == "sample"
+                    and s["is_observed"]
+                    and any(f.name == name for f in s["cond_indep_stack"])
+                    for s in tr.nodes.values()
+                )
+                if has_obs:
+                    holders.append(name)
+            if len(holders) != 1:
+                raise ValueError(
+                    f"subsample_size={spec} needs exactly one plate with observations, found "
+                    f"{sorted(holders)} among plates {sorted(seen)}; pass a dict "
+                    "{plate_name: batch_size}"
+                )
+            spec = {holders[0]: spec}
+            self.subsample_size = spec
+        for name, (size, sub) in seen.items():
+            if sub is not None and sub < size:
+                self._own_plates[name] = (size, sub)  # the model subsamples this one itself
+        if spec is None:
+            return
+        for name, b in spec.items():
+            if name not in seen:
+                raise ValueError(
+                    f"subsample_size names plate {name!r}, but the model has no such plate; "
+                    f"its plates are {sorted(seen)}"
+                )
+            size = seen[name][0]
+            if b > size:
+                raise ValueError(
+                    f"subsample_size[{name!r}]={b} is larger than the plate's size {size}"
+                )
+            self._inject[name] = (size, b)
+
+    def _count_data(self, tr: Any) -> float:
+        """Count the observations ``N`` (for RMSprop's per-datum convention)."""
+        subsampled = {**self._own_plates, **self._inject}
+        if subsampled:
+            return float(math.prod(size for size, _ in subsampled.values()))
+        best = 1
+        for site in tr.nodes.values():
+            if site["type"] == "sample" and site["is_observed"] and site["cond_indep_stack"]:
+                n = math.prod(f.full_size or f.size for f in site["cond_indep_stack"])
+                best = max(best, n)
+        return float(best)
+
+    def _start(self) -> None:
+        """First call to sample(): install hooks, initialise the preconditioner, evaluate."""
+        assert self._initial_params is not None
+        layers: tuple[LayerRef, ...] = ()
+        if getattr(self.preconditioner, "needs_layers", False):
+            layers = self._install_layers()
+        self._layers = layers
+        self.preconditioner.init(self._initial_params, num_data=self._num_data, layers=layers)
+        lp, grads = self._evaluate(self._initial_params)
+        if not math.isfinite(lp) or not all(torch.isfinite(g).all() for g in grads.values()):
+            raise ValueError(
+                f"the log density at the initial point is not finite (lp={lp}); check "
+                "init_strategy or initial_params"
+            )
+        self._lp, self._grads = lp, grads
+        self._started = True
+
+    def _install_layers(self) -> tuple[LayerRef, ...]:
+        from pyro_bnp.layers import find_layers
+
+        assert self._initial_params is not None
+        cfg = self.preconditioner
+        layers, hooks = find_layers(
+            self.modules,
+            set(self._initial_params),
+            rho=getattr(cfg, "rho", 0.99),
+            init=getattr(cfg, "init_stats", "batch"),
+        )
+        if not layers:
+            warnings.warn(
+                f"{cfg!r} found no Linear/Conv layer whose weight is a latent site (pass "
+                "modules= for a plain-function model); it acts as "
+                + ("RMSprop" if getattr(cfg, "rmsprop", None) is not None else "the identity"),
+                UserWarning,
+                stacklevel=4,
+            )
+            return ()
+        hooks.install()
+        self._hooks = hooks
+        return tuple(layers)
+
+    def cleanup(self) -> None:
+        """Remove the layer hooks (safe to call more than once)."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+
+    # ------------------------------------------------------------------ numerics glue
+    def _next_indices(self) -> dict[str, Tensor]:
+        out = {}
+        for name in sorted(self._inject):
+            size, b = self._inject[name]
+            pos = self._pos.get(name, size)
+            if pos + b > size:
+                self._perms[name] = torch.randperm(size, generator=self._rng)
+                pos = 0
+            out[name] = self._perms[name][pos : pos + b]
+            self._pos[name] = pos + b
+        return out
+
+    def _evaluate(self, z: Mapping[str, Tensor]) -> tuple[float, dict[str, Tensor]]:
+        """Mini-batch log joint (unconstrained, with log-det-Jacobians) and ``grad U_hat``."""
+        leaves = {k: v.detach().requires_grad_() for k, v in z.items()}
+        values: dict[str, Tensor] = {}
+        logdet: Tensor | float = 0.0
+        for k, v in leaves.items():
+            if k in self._identity:
+                values[k] = v
+            else:
+                t = self._to_constrained[k]
+                x = t(v)
+                values[k] = x
+                logdet = logdet + t.log_abs_det_jacobian(v, x).sum()
+        joint = _LogJoint(values, self._next_indices())
+        hooks = self._hooks
+        with torch.enable_grad():
+            if hooks is not None:
+                with hooks.active(), joint:
+                    self.model(*self._args, **self._kwargs)
+            else:
+                with joint:
+                    self.model(*self._args, **self._kwargs)
+            lp = joint.total + logdet
+            if not isinstance(lp, Tensor):
+                raise ValueError("the model's log density does not depend on its latent sites")
+            names = list(leaves)
+            grads = torch.autograd.grad(-lp, [leaves[k] for k in names], allow_unused=True)
+        out = {
+            k: torch.zeros_like(leaves[k]) if g is None else g
+            for k, g in zip(names, grads, strict=True)
+        }
+        return float(lp.detach()), out
+
+    def _step_size_at(self, t: int) -> float:
+        if not callable(self.step_size):
+            return self.step_size
+        eps = self.step_size(t)
+        try:
+            ok = float(eps) > 0.0 and math.isfinite(float(eps))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"the step size schedule {self.step_size!r} returned {eps!r} at update {t}; "
+                "it must return a positive finite float"
+            )
+        return float(eps)
+
+    def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Run ``thin`` SGLD updates from ``params`` and return the new unconstrained draw."""
+        if not self._started:
+            self._start()
+        z = {k: v.detach() for k, v in params.items()}
+        diverging = False
+        pre = self.preconditioner
+        for _ in range(self.thin):
+            eps = self._step_size_at(self._t)
+            self._eps = eps
+            pre.update(self._grads)
+            z_new = pre.step(z, self._grads, eps, self.temperature, self._rng)
+            self._t += 1
+            lp, grads = self._evaluate(z_new)
+            finite = math.isfinite(lp) and all(torch.isfinite(g).all() for g in grads.values())
+            if finite:
+                z, self._lp, self._grads = z_new, lp, grads
+                self._rejected_in_row = 0
+            else:
+                diverging = True
+                self._rejected_in_row += 1
+                if self._rejected_in_row >= self.max_rejections:
+                    raise RuntimeError(
+                        f"SGLD: {self._rejected_in_row} updates in a row gave a non-finite log "
+                        f"density or gradient (last at update {self._t}, step size {eps:.3g}); "
+                        "the step size is probably too large: try a smaller one"
+                    )
+        self._draw += 1
+        if self._draw == self._warmup_steps and getattr(pre, "freeze_after_warmup", False):
+            pre.freeze()
+        if self._draw > self._warmup_steps:
+            st = self._stats
+            st["lp"].append(self._lp)
+            st["step_size"].append(self._eps)
+            st["grad_norm"].append(
+                math.sqrt(sum(float(g.square().sum()) for g in self._grads.values()))
+            )
+            st["diverging"].append(diverging)
+        elif diverging:
+            self._warmup_divergences += 1
+        return z
+
+    # ------------------------------------------------------------------ reporting
+    def logging(self) -> OrderedDict[str, str]:
+        """Progress bar fields: step size, mini-batch log density, divergences."""
+        n_div = sum(self._stats["diverging"]) + self._warmup_divergences
+        return OrderedDict(
+            [("step size", f"{self._eps:.2e}"), ("lp", f"{self._lp:.4g}"), ("div", str(n_div))]
+        )
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Per-draw statistics of the post-warmup draws, the same keys for every chain.
+
+        ``lp`` (mini-batch estimate of the log joint at the draw, unconstrained space),
+        ``step_size``, ``grad_norm`` (of ``grad U_hat``), ``diverging`` (a rejected update
+        within the draw), ``divergences`` (post-warmup draw indices, as Pyro reports them),
+        ``warmup_divergences`` and ``rng_seed`` (the chain's generator seed).
+        """
+        st = self._stats
+        return {
+            "lp": list(st["lp"]),
+            "step_size": list(st["step_size"]),
+            "grad_norm": list(st["grad_norm"]),
+            "diverging": list(st["diverging"]),
+            "divergences": [i for i, d in enumerate(st["diverging"]) if d],
+            "warmup_divergences": self._warmup_divergences,
+            "rng_seed": self._rng_seed,
+        }
+
+    def config(self) -> dict[str, Any]:
+        """Return the kernel's settings, for export attributes."""
+        return {
+            "kernel": type(self).__name__,
+            "step_size": repr(self.step_size),
+            "preconditioner": repr(self.preconditioner),
+            "temperature": self.temperature,
+            "thin": self.thin,
+            "subsample_size": repr(self.subsample_size),
+            "rng_seed": self._rng_seed,
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_hooks"] = None
+        rng = state.get("_rng")
+        state["_rng"] = None if rng is None else rng.get_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rng_state = state.get("_rng")
+        self.__dict__.update(state)
+        if rng_state is not None:
+            self._rng = torch.Generator()
+            self._rng.set_state(rng_state)
+        if self._started and self._layers:
+            self._started = False  # hooks are not pickled: re-install on the next sample()
