@@ -458,12 +458,10 @@ class SGLD(MCMCKernel):
 
         assert self._initial_params is not None
         cfg = self.preconditioner
-        layers, hooks = find_layers(
-            self.modules,
-            set(self._initial_params),
-            rho=getattr(cfg, "rho", 0.99),
-            init=getattr(cfg, "init_stats", "batch"),
-        )
+        options = cfg.stats_options() if hasattr(cfg, "stats_options") else {}
+        # BNP acts on the unconstrained parameters; it is exact only where they are the weights.
+        sites = set(self._identity) & set(self._initial_params)
+        layers, hooks = find_layers(self.modules, sites, **options)
         if not layers:
             warnings.warn(
                 f"{cfg!r} found no Linear/Conv layer whose weight is a latent site (pass "

@@ -1,0 +1,566 @@
+r"""Batch Normalization Preconditioning (BNP) for SGLD (pure torch, never imports pyro).
+
+BNP (Lange, Helfrich, Ye, "Batch Normalization Preconditioning for Neural Network Training",
+JMLR 23(72), 2022, arXiv 2108.01110; Algorithms 2 and 3) preconditions the gradient of every
+dense or convolutional layer with the running mean and variance of the layer's *input*, which
+is what batch normalization would have normalised, without changing the network. Here it is
+used as the preconditioner ``M = A A^T`` of stochastic gradient Langevin dynamics. The SGLD
+paper that proposes this (Lange, Deng, Ye, Lin, J. Mach. Learn. 2(1), 2023) is not publicly
+available in full; the sampler below is our derivation, consistent with the JMLR paper.
+
+The layer statistics themselves are kept by :class:`pyro_bnp.layers.RunningInputStats`
+(forward pre-hooks on the network); this module only needs objects following the
+:class:`~pyro_bnp.preconditioners.InputStatistics` protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pyro_bnp.preconditioners import LayerRef, Params, Preconditioner, RMSprop
+
+__all__ = ["BNP", "balance_factor", "floored_variance"]
+
+_STATS_INITS = ("batch", "paper")
+
+
+def floored_variance(var: Tensor, eps1: float, eps2: float) -> Tensor:
+    """Return the floored input variance ``s^2 = var + eps1 * max(var) + eps2`` of one layer.
+
+    Parameters
+    ----------
+    var : Tensor
+        Running variance per input feature (dense) or input channel (conv), shape ``[in]``.
+    eps1 : float
+        Relative floor: caps the range of ``s^2`` within a layer at about ``1 / eps1``.
+    eps2 : float
+        Absolute floor (keeps ``s^2 > 0`` when every input is constant).
+
+    Returns
+    -------
+    Tensor
+        ``s^2``, same shape and dtype as ``var``.
+    """
+    return torch.add(var, var.max(), alpha=eps1).add_(eps2)
+
+
+def balance_factor(fan_in: int, batch_size: int, spatial_size: int = 1) -> float:
+    """Return the block-balancing factor ``q^2 = max(fan_in / N, sqrt(H W))``.
+
+    For a dense layer ``fan_in = in`` and ``H W = 1``, so ``q^2 = max(in / N, 1)``; for a
+    convolution ``fan_in = kh * kw * c_in / groups`` (JMLR paper, Section 4).
+
+    Parameters
+    ----------
+    fan_in : int
+        Inputs per output neuron.
+    batch_size : int
+        Rows ``N`` of the mini-batch the statistics were last updated with.
+    spatial_size : int
+        ``H * W`` of the input feature map (``L`` for 1-d convolutions, 1 for dense layers).
+
+    Returns
+    -------
+    float
+        ``q^2``.
+    """
+    return max(fan_in / max(int(batch_size), 1), math.sqrt(max(int(spatial_size), 1)))
+
+
+@dataclass
+class _Block:
+    """Static layout of one layer, plus the per-step cache derived from its statistics."""
+
+    ref: LayerRef
+    dense: bool
+    shape: torch.Size  # weight shape
+    shape4: tuple[int, int, int, int]  # (groups, out / groups, in / groups, kernel size)
+    fan_in: int
+    dtype: torch.dtype
+    device: torch.device
+    fresh: bool = False
+    q: float = 1.0
+    q2: float = 1.0
+    mu: Tensor | None = None  # [in]
+    s2: Tensor | None = None  # [in]
+    a: Tensor | None = None  # 1 / (q s): dense [in], conv [G, 1, in/G, 1]
+    c: Tensor | None = None  # mu / (q s): same shape as ``a``
+
+
+class BNP(Preconditioner):
+    r"""Batch Normalization Preconditioning for SGLD, optionally combined with RMSprop.
+
+    **Per output neuron** ``i`` of a dense layer ``a = W h + b`` with parameters
+    ``w_hat = [b_i; w_i]`` (JMLR paper eq. 12-15, Algorithm 2):
+
+    .. math::
+
+        s^2 = \mathrm{var} + \epsilon_1 \max(\mathrm{var}) + \epsilon_2, \quad
+        q^2 = \max(\mathrm{in} / N, 1), \quad
+        P = \begin{pmatrix} 1 & -(\mu / s)^\top \\ 0 & \mathrm{diag}(1 / s) \end{pmatrix},
+        \quad M = A A^\top = \frac{1}{q^2} P P^\top, \quad A = P / q,
+
+    where ``mu`` and ``var`` are running averages of the mean and (biased) variance of the
+    layer's *input* ``h`` over mini-batches of ``N`` rows. The drift is computed cheaply as
+    ``Gw = (gW - gb mu^T) / s^2 / q^2`` and ``Gb = gb / q^2 - Gw mu``; the noise as
+    ``n_w = xi_w / (q s)`` and ``n_b = xi_b / q - (xi_w / s) . mu / q``.
+
+    **Convolutions** (Algorithm 3): statistics per input channel over batch x space,
+    ``q^2 = max(kh kw c_in / (groups N), sqrt(H W))``, and the same ``P`` per output channel
+    ``o`` acting on ``[b_o; vec(W_o)]`` with each input channel's ``mu, s`` repeated over the
+    kernel positions (with groups, the weight's channel ``p`` of output channel ``o`` is the
+    input channel ``(o // (out / groups)) * (in / groups) + p``). Stride, dilation and padding
+    do not change the statistics (padding zeros are not counted). Layers without bias use the
+    diagonal part only: ``M = diag(1 / s^2) / q^2``.
+
+    **SGLD update** (our derivation): ``theta <- theta - (eps/2) M g + sqrt(eps T) A xi`` with
+    ``g`` the mini-batch gradient of ``U_hat``; it targets ``pi(theta) ∝ exp(-U(theta) / T)``.
+    Sites that are not the weight or bias of a layer get ``M = A = I``.
+
+    **BNP + RMSprop** (``rmsprop=RMSprop(...)``): pSGLD in BNP coordinates ``z`` with
+    ``theta = (P / q) z``: ``g_z = P^T g / q`` (per neuron ``g_z_b = g_b / q``,
+    ``g_z_w = (g_w - mu g_b) / (q s)``), the RMSprop state ``V`` tracks ``g_z`` (with the
+    per-datum convention of :class:`~pyro_bnp.preconditioners.RMSprop`), and drift
+    ``G_z g_z`` and noise ``sqrt(G_z) xi`` are taken in ``z`` and mapped back with ``P / q``.
+    So ``M = P G_z P^T / q^2`` (symmetric positive definite) and ``A = P sqrt(G_z) / q``.
+    The RMSprop and BNP matrices are never multiplied in ``theta``-space (that product is not
+    symmetric). Sites outside layers get plain RMSprop.
+
+    **The divergence term Gamma** of preconditioned SGLD is not added. It is exactly zero when
+    ``M`` of a layer is a function of the *current* statistics only, because those depend on
+    the parameters of earlier layers only (``d M_l / d theta_l = 0``). With running averages
+    ``M`` depends on the chain's history, which Gamma cannot express; we drop it, as pSGLD does.
+    After :meth:`freeze` (``freeze_after_warmup=True``) ``M`` is constant, there is no Gamma at
+    all and the chain is an exact preconditioned SGLD.
+
+    Parameters
+    ----------
+    rho : float
+        Decay of the running mean / variance, in ``[0, 1)`` (paper: 0.99). Used when the layer
+        statistics are created: pass :meth:`stats_options` to
+        :func:`pyro_bnp.layers.find_layers`.
+    eps1 : float
+        Relative variance floor, ``>= 0`` (paper: 1e-2). It caps the preconditioner's range
+        within a layer at about ``1 / eps1`` in variance: inputs whose variances span more than
+        that keep their low-variance directions under-preconditioned.
+    eps2 : float
+        Absolute variance floor, ``> 0`` (paper: 1e-4).
+    freeze_after_warmup : bool
+        If true the kernel calls :meth:`freeze` at the end of warmup.
+    rmsprop : RMSprop or None
+        Combine with RMSprop in BNP coordinates (name ``"bnp+rmsprop"``).
+    init : {"batch", "paper"}
+        Initial statistics: from the first mini-batch (default; safe on badly scaled inputs)
+        or the paper's ``mu = 0, var = 1``. Stored as :attr:`stats_init`.
+    """
+
+    name = "bnp"
+
+    def __init__(
+        self,
+        rho: float = 0.99,
+        eps1: float = 1e-2,
+        eps2: float = 1e-4,
+        freeze_after_warmup: bool = False,
+        rmsprop: RMSprop | None = None,
+        init: str = "batch",
+    ) -> None:
+        super().__init__()
+        if not isinstance(rho, (int, float)) or not (0.0 <= rho < 1.0):
+            raise ValueError(f"BNP: rho must be in [0, 1), got {rho!r}")
+        if not isinstance(eps1, (int, float)) or not (0.0 <= eps1 < math.inf):
+            raise ValueError(f"BNP: eps1 must be non-negative and finite, got {eps1!r}")
+        if not isinstance(eps2, (int, float)) or not (0.0 < eps2 < math.inf):
+            raise ValueError(f"BNP: eps2 must be positive and finite, got {eps2!r}")
+        if not isinstance(freeze_after_warmup, bool):
+            raise ValueError(
+                f"BNP: freeze_after_warmup must be a bool, got {freeze_after_warmup!r}"
+            )
+        if rmsprop is not None and not isinstance(rmsprop, RMSprop):
+            raise ValueError(f"BNP: rmsprop must be None or an RMSprop instance, got {rmsprop!r}")
+        if init not in _STATS_INITS:
+            raise ValueError(f"BNP: init must be one of {_STATS_INITS}, got {init!r}")
+        self.rho = float(rho)
+        self.eps1 = float(eps1)
+        self.eps2 = float(eps2)
+        self.freeze_after_warmup = freeze_after_warmup
+        self.rmsprop = rmsprop
+        self.stats_init = init
+        self.name = "bnp+rmsprop" if rmsprop is not None else "bnp"
+        self.needs_layers = True
+        self._blocks: dict[str, _Block] = {}  # by layer name
+
+    # -- life cycle --------------------------------------------------------------------
+    def stats_options(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`pyro_bnp.layers.find_layers` (``rho``, ``init``)."""
+        return {"rho": self.rho, "init": self.stats_init}
+
+    def init(
+        self,
+        params: Mapping[str, Tensor],
+        *,
+        num_data: float = 1.0,
+        layers: Sequence[LayerRef] = (),
+    ) -> None:
+        """Reset the state for a new chain and register the layers.
+
+        The layers' statistics are un-frozen but not reset (they belong to the hooks that
+        :func:`pyro_bnp.layers.find_layers` created).
+
+        Parameters
+        ----------
+        params : Mapping[str, Tensor]
+            The chain's initial unconstrained parameters.
+        num_data : float
+            Number of observations (RMSprop's per-datum convention).
+        layers : sequence of LayerRef
+            Layers whose weight (and bias) are sites of ``params``.
+
+        Raises
+        ------
+        ValueError
+            If a layer's sites are missing from ``params``, appear in two layers, or have
+            shapes that do not match the statistics.
+        """
+        super().init(params, num_data=num_data, layers=tuple(layers))
+        self._blocks = {}
+        used: set[str] = set()
+        for ref in layers:
+            block = self._make_block(ref, params)
+            for site in (ref.weight, ref.bias):
+                if site is None:
+                    continue
+                if site in used:
+                    raise ValueError(f"BNP: layers: site {site!r} belongs to two layers")
+                used.add(site)
+            if ref.name in self._blocks:
+                raise ValueError(f"BNP: layers: duplicate layer name {ref.name!r}")
+            self._blocks[ref.name] = block
+            ref.stats.frozen = False
+        if self.rmsprop is not None:
+            self.rmsprop.init(params, num_data=num_data, layers=tuple(layers))
+
+    @staticmethod
+    def _make_block(ref: LayerRef, params: Mapping[str, Tensor]) -> _Block:
+        if ref.kind not in ("linear", "conv"):
+            raise ValueError(f"BNP: layers: kind of {ref.name!r} must be 'linear' or 'conv'")
+        if ref.weight not in params:
+            raise ValueError(f"BNP: layers: weight site {ref.weight!r} is not in params")
+        if ref.bias is not None and ref.bias not in params:
+            raise ValueError(f"BNP: layers: bias site {ref.bias!r} is not in params")
+        w = params[ref.weight]
+        num_in = int(ref.stats.mean.numel())
+        groups = int(ref.groups)
+        dense = ref.kind == "linear"
+        if dense and (w.dim() != 2 or w.shape[1] != num_in or groups != 1):
+            raise ValueError(
+                f"BNP: layers: weight {ref.weight!r} of shape {tuple(w.shape)} does not match "
+                f"a dense layer with {num_in} inputs"
+            )
+        if not dense and (
+            w.dim() < 3 or groups < 1 or w.shape[0] % groups or w.shape[1] * groups != num_in
+        ):
+            raise ValueError(
+                f"BNP: layers: weight {ref.weight!r} of shape {tuple(w.shape)} does not match "
+                f"a convolution with {num_in} input channels and groups={groups}"
+            )
+        out = int(w.shape[0])
+        if ref.bias is not None and tuple(params[ref.bias].shape) != (out,):
+            raise ValueError(
+                f"BNP: layers: bias {ref.bias!r} must have shape ({out},), "
+                f"got {tuple(params[ref.bias].shape)}"
+            )
+        cin_g = int(w.shape[1])
+        ksize = math.prod(int(k) for k in w.shape[2:])
+        return _Block(
+            ref=ref,
+            dense=dense,
+            shape=w.shape,
+            shape4=(groups, out // groups, cin_g, ksize),
+            fan_in=cin_g * ksize,
+            dtype=w.dtype,
+            device=w.device,
+        )
+
+    def _refresh(self, block: _Block) -> None:
+        """Recompute ``q``, ``s`` and the maps' coefficients from the layer's statistics."""
+        stats = block.ref.stats
+        mu, var = stats.mean, stats.var
+        if mu.dtype != block.dtype or mu.device != block.device or mu.requires_grad:
+            mu = mu.detach().to(dtype=block.dtype, device=block.device)
+        if var.dtype != block.dtype or var.device != block.device or var.requires_grad:
+            var = var.detach().to(dtype=block.dtype, device=block.device)
+        s2 = floored_variance(var, self.eps1, self.eps2)
+        q2 = balance_factor(block.fan_in, stats.batch_size, stats.spatial_size)
+        q = math.sqrt(q2)
+        a = s2.rsqrt().mul_(1.0 / q)
+        c = mu * a
+        if not block.dense:
+            g, _, cin_g, _ = block.shape4
+            a = a.view(g, 1, cin_g, 1)
+            c = c.view(g, 1, cin_g, 1)
+        block.mu, block.s2, block.q, block.q2, block.a, block.c = mu, s2, q, q2, a, c
+        block.fresh = True
+
+    def _ensure(self) -> None:
+        for block in self._blocks.values():
+            if not block.fresh:
+                self._refresh(block)
+
+    def update(self, grads: Mapping[str, Tensor]) -> None:
+        """Read the layers' current statistics and, with RMSprop, fold ``g_z`` into ``V``.
+
+        Call it after the gradient evaluation that updated the statistics (the kernel does).
+        When frozen, the preconditioner no longer changes.
+        """
+        for block in self._blocks.values():
+            if not (self.frozen and block.fresh):
+                self._refresh(block)
+        rms = self.rmsprop
+        if rms is not None and not (rms.frozen and rms.diagonal()):
+            rms.update(self._to_z_all(grads))
+
+    def freeze(self) -> None:
+        """Freeze the layer statistics and the RMSprop state: ``M`` is constant from now on."""
+        super().freeze()
+        self._ensure()
+        for block in self._blocks.values():
+            block.ref.stats.frozen = True
+        if self.rmsprop is not None:
+            self.rmsprop.freeze()
+
+    # -- the maps A^T = P^T / q and A = P / q, per layer ----------------------------------
+    @staticmethod
+    def _to_z(block: _Block, gw: Tensor, gb: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(P^T / q) g``: ``z_w = (g_w - g_b mu) / (q s)``, ``z_b = g_b / q``."""
+        a, c = block.a, block.c
+        assert a is not None and c is not None
+        if block.dense:
+            zw = gw * a
+            if gb is None:
+                return zw, None
+            return torch.addr(zw, gb, c, alpha=-1.0), gb * (1.0 / block.q)
+        g, out_g, _, _ = block.shape4
+        zw4 = gw.reshape(block.shape4) * a
+        if gb is None:
+            return zw4.view(block.shape), None
+        zw4 = zw4 - gb.view(g, out_g, 1, 1) * c
+        return zw4.view(block.shape), gb * (1.0 / block.q)
+
+    @staticmethod
+    def _from_z(block: _Block, zw: Tensor, zb: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(P / q) z``: ``w = z_w / (q s)``, ``b = z_b / q - sum(z_w mu / (q s))``."""
+        a, c = block.a, block.c
+        assert a is not None and c is not None
+        if block.dense:
+            w = zw * a
+            if zb is None:
+                return w, None
+            return w, torch.addmv(zb, zw, c, beta=1.0 / block.q, alpha=-1.0)
+        zw4 = zw.reshape(block.shape4)
+        w = (zw4 * a).view(block.shape)
+        if zb is None:
+            return w, None
+        b = zb * (1.0 / block.q) - (zw4 * c).sum((2, 3)).reshape(zb.shape)
+        return w, b
+
+    def _map_all(self, values: Mapping[str, Tensor], to_z: bool) -> Params:
+        out = dict(values)
+        fn = self._to_z if to_z else self._from_z
+        for block in self._blocks.values():
+            ref = block.ref
+            if ref.weight not in values:
+                continue
+            w, b = fn(block, values[ref.weight], None if ref.bias is None else values[ref.bias])
+            out[ref.weight] = w
+            if ref.bias is not None and b is not None:
+                out[ref.bias] = b
+        return out
+
+    def _to_z_all(self, grads: Mapping[str, Tensor]) -> Params:
+        self._ensure()
+        return self._map_all(grads, to_z=True)
+
+    def _from_z_all(self, z: Mapping[str, Tensor]) -> Params:
+        self._ensure()
+        return self._map_all(z, to_z=False)
+
+    # -- the two halves of the update --------------------------------------------------
+    def drift(self, grads: Mapping[str, Tensor]) -> Params:
+        """Return ``M g``: ``(P/q)(P/q)^T g`` on layers (``(P/q) G_z (P/q)^T g`` with RMSprop)."""
+        gz = self._to_z_all(grads)
+        if self.rmsprop is not None:
+            gz = self.rmsprop.drift(gz)
+        return self._from_z_all(gz)
+
+    def noise(self, xi: Mapping[str, Tensor]) -> Params:
+        """Return ``A xi``: ``(P/q) xi`` on layers (``(P/q) sqrt(G_z) xi`` with RMSprop)."""
+        z = dict(xi) if self.rmsprop is None else self.rmsprop.noise(xi)
+        return self._from_z_all(z)
+
+    def step(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        step_size: float,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Params:
+        """One SGLD move, fused as ``theta + A (sqrt(eps T) xi - (eps/2) A^T g)``.
+
+        Equal (up to rounding) to :meth:`Preconditioner.step` with the same ``generator``:
+        ``xi`` is drawn site by site in sorted name order, and not at all when
+        ``temperature == 0``.
+        """
+        half = 0.5 * step_size
+        gz = self._to_z_all(grads)
+        rms = self.rmsprop
+        dz = gz if rms is None else rms.drift(gz)
+        if temperature > 0:
+            xi = {
+                k: torch.randn(
+                    params[k].shape,
+                    generator=generator,
+                    dtype=params[k].dtype,
+                    device=params[k].device,
+                )
+                for k in sorted(params)
+            }
+            nz = xi if rms is None else rms.noise(xi)  # fresh tensors: updated in place
+            scale = math.sqrt(step_size * temperature)
+            # theta + scale * A (xi - (half / scale) A^T g)
+            u = {k: nz[k].sub_(dz[k], alpha=half / scale) for k in params}
+        else:
+            scale = -half
+            u = {k: dz[k] for k in params}
+        delta = self._from_z_all(u)
+        return {k: torch.add(v, delta[k], alpha=scale) for k, v in params.items()}
+
+    # -- inspection --------------------------------------------------------------------
+    def dense_matrix(self, layer_name: str, neuron: int) -> Tensor:
+        """Explicit ``M`` for one output neuron's block ``[b; vec(w)]`` (for tests).
+
+        Parameters
+        ----------
+        layer_name : str
+            :attr:`LayerRef.name` of the layer.
+        neuron : int
+            Output neuron (dense) or output channel (conv).
+
+        Returns
+        -------
+        Tensor
+            ``(1/q^2) P G_z P^T`` (``G_z = I`` without RMSprop) of size ``1 + fan_in``, or
+            ``fan_in`` for a layer without bias, in the weight's dtype.
+        """
+        self._ensure()
+        block = self._blocks[layer_name]
+        assert block.mu is not None and block.s2 is not None
+        ref = block.ref
+        groups, out_g, cin_g, ksize = block.shape4
+        grp = neuron // out_g
+        chans = slice(grp * cin_g, (grp + 1) * cin_g)
+        mu = block.mu[chans].repeat_interleave(ksize)
+        s = block.s2[chans].sqrt().repeat_interleave(ksize)
+        n = block.fan_in
+        if ref.bias is None:
+            p = torch.diag(1.0 / s)
+        else:
+            p = torch.zeros(n + 1, n + 1, dtype=block.dtype, device=block.device)
+            p[0, 0] = 1.0
+            p[0, 1:] = -mu / s
+            p[1:, 1:] = torch.diag(1.0 / s)
+        gz = torch.ones(p.shape[0], dtype=block.dtype, device=block.device)
+        if self.rmsprop is not None:
+            diag = self.rmsprop.diagonal()
+            gw = diag[ref.weight][neuron].reshape(-1)
+            gz = gw if ref.bias is None else torch.cat([diag[ref.bias][neuron].reshape(1), gw])
+        return (p * gz) @ p.T / block.q2
+
+    def layer_summary(self) -> dict[str, dict[str, Any]]:
+        """Per layer: ``mu``, ``s2`` and ``q2`` as currently used by the preconditioner."""
+        self._ensure()
+        out: dict[str, dict[str, Any]] = {}
+        for name, block in self._blocks.items():
+            assert block.mu is not None and block.s2 is not None
+            out[name] = {"mu": block.mu.clone(), "s2": block.s2.clone(), "q2": block.q2}
+        return out
+
+    # -- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """State including each layer's statistics and the RMSprop state (tensors cloned)."""
+        state = super().state_dict()
+        layers: dict[str, Any] = {}
+        for name, block in self._blocks.items():
+            stats: Any = block.ref.stats
+            if hasattr(stats, "state_dict"):
+                layers[name] = stats.state_dict()
+            else:
+                layers[name] = {
+                    "mean": stats.mean.clone(),
+                    "var": stats.var.clone(),
+                    "batch_size": int(stats.batch_size),
+                    "spatial_size": int(stats.spatial_size),
+                    "frozen": bool(stats.frozen),
+                }
+        state["layers"] = layers
+        state["rmsprop"] = None if self.rmsprop is None else self.rmsprop.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (call :meth:`init` with the same layers first).
+
+        Raises
+        ------
+        ValueError
+            If the saved layers are not the registered ones, or RMSprop state is missing.
+        """
+        saved = state["layers"]
+        if set(saved) != set(self._blocks):
+            raise ValueError(
+                f"BNP: load_state_dict: saved layers {sorted(saved)} do not match the "
+                f"registered layers {sorted(self._blocks)}"
+            )
+        if (state.get("rmsprop") is None) != (self.rmsprop is None):
+            raise ValueError("BNP: load_state_dict: rmsprop state does not match this object")
+        super().load_state_dict(state)
+        for name, block in self._blocks.items():
+            stats: Any = block.ref.stats
+            s = saved[name]
+            if hasattr(stats, "load_state_dict"):
+                stats.load_state_dict(s)
+            else:
+                stats.mean = s["mean"].clone()
+                stats.var = s["var"].clone()
+                stats.batch_size = int(s["batch_size"])
+                stats.spatial_size = int(s["spatial_size"])
+                stats.frozen = bool(s["frozen"])
+            block.fresh = False
+        if self.rmsprop is not None:
+            self.rmsprop.load_state_dict(state["rmsprop"])
+
+    def config(self) -> dict[str, Any]:
+        """Hyperparameters (flat scalars; RMSprop's as ``rmsprop_alpha``, ``rmsprop_eps``)."""
+        cfg: dict[str, Any] = {
+            "rho": self.rho,
+            "eps1": self.eps1,
+            "eps2": self.eps2,
+            "freeze_after_warmup": self.freeze_after_warmup,
+            "init": self.stats_init,
+        }
+        if self.rmsprop is not None:
+            cfg.update({f"rmsprop_{k}": v for k, v in self.rmsprop.config().items()})
+        return cfg
+
+    def __repr__(self) -> str:
+        return (
+            f"BNP(rho={self.rho!r}, eps1={self.eps1!r}, eps2={self.eps2!r}, "
+            f"freeze_after_warmup={self.freeze_after_warmup!r}, rmsprop={self.rmsprop!r}, "
+            f"init={self.stats_init!r})"
+        )
