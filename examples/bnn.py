@@ -45,6 +45,6 @@ def make_data(n: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     u = torch.cat(
         [torch.rand(n // 2, generator=g) * 2 - 3, torch.rand(n - n // 2, generator=g) * 2 + 1]
     )
-    x = (50.0 + 10.0 * u).unsqueeze(-1)  # inputs around 50 with scale 10: BNP's use case
+    x = (5.0 + 2.0 * u).unsqueeze(-1)  # non-centred, scaled inputs: BNP adapts to them
     y = torch.sin(u) + 0.1 * u + 0.15 * torch.randn(n, generator=g)
     return x, y
