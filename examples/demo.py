@@ -42,10 +42,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--step-size", type=float, default=3e-5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest for a small net)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)
     x, y = make_data(1000, seed=args.seed)
     net = BNN(d_in=1, hidden=32)
