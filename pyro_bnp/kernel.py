@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import pyro
 import torch
+from pyro.distributions import is_validation_enabled
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import (
     InitMessenger,
@@ -60,9 +63,17 @@ def init_to_median_or_sample(site: dict | None = None, num_samples: int = 15) ->
 
 
 class _Plates(Messenger):
-    """Inject subsample indices into ``pyro.plate`` sites and record the plates seen."""
+    """Inject subsample indices into ``pyro.plate`` sites and record the plates seen.
 
-    def __init__(self, indices: Mapping[str, Tensor]) -> None:
+    An int instead of an index tensor means "the first rows": ``arange(min(B, size))``, which
+    lets the set-up run go through before a too large ``B`` is reported. A latent site inside
+    a subsampled plate raises at once (before the model trips over the batch dimension such a
+    site gets, e.g. a network weight first accessed inside the data plate).
+    """
+
+    check_local = True
+
+    def __init__(self, indices: Mapping[str, Tensor | int]) -> None:
         super().__init__()
         self.indices = indices
         self.seen: dict[str, tuple[int, int | None]] = {}
@@ -70,10 +81,17 @@ class _Plates(Messenger):
     def _pyro_sample(self, msg: Any) -> None:
         fn = msg["fn"]
         if not isinstance(fn, _Subsample):
+            if self.check_local and not msg["is_observed"]:
+                for frame in msg["cond_indep_stack"]:
+                    size, sub = self.seen.get(frame.name, (0, None))
+                    if frame.name in self.indices or (sub is not None and sub < size):
+                        raise _local_latent_error(msg["name"], frame.name)
             return
         name = msg["name"]
         self.seen[name] = (fn.size, fn.subsample_size)
         idx = self.indices.get(name)
+        if isinstance(idx, int):
+            idx = torch.arange(min(idx, fn.size))
         if idx is not None and msg["value"] is None:
             if fn.subsample_size is not None and fn.subsample_size != len(idx):
                 raise ValueError(
@@ -89,6 +107,8 @@ class _LogJoint(_Plates):
     A lighter replacement for ``poutine.trace`` + ``poutine.condition``: nothing is recorded but
     the running sum of the log density.
     """
+
+    check_local = False  # done once at set-up
 
     def __init__(self, values: Mapping[str, Tensor], indices: Mapping[str, Tensor]) -> None:
         super().__init__(indices)
@@ -109,6 +129,23 @@ class _LogJoint(_Plates):
         self.total = self.total + scale_and_mask(log_prob, msg["scale"], msg["mask"]).sum()
 
 
+def _local_latent_error(site: str, plate: str) -> ValueError:
+    return ValueError(
+        f"latent site {site!r} is inside the subsampled plate {plate!r}: local latent "
+        "variables are not supported; sample it outside the data plate (for a PyroModule: "
+        "touch its PyroSample weights before entering the plate, see the SGLD docstring)"
+    )
+
+
+def _all_finite(values: Mapping[str, Tensor]) -> bool:
+    """Whether every entry is finite: one sum per tensor (cheaper than ``isfinite().all()``).
+
+    A NaN or infinity makes the sum non-finite; so does an overflowing sum of finite entries
+    (|x| near 1e308), which is treated as non-finite too.
+    """
+    return math.isfinite(sum(float(v.sum()) for v in values.values()))
+
+
 def _is_identity(t: Transform) -> bool:
     while isinstance(t, IndependentTransform):
         t = t.base_transform
@@ -116,6 +153,8 @@ def _is_identity(t: Transform) -> bool:
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -125,6 +164,13 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{name} must be {kind} and finite, got {value!r}")
     return value
+
+
+def _check_count(name: str, value: Any) -> int:
+    """Return ``value`` as an int if it is a positive integer (not a bool), else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
 
 
 def _make_preconditioner(spec: str | Preconditioner) -> Preconditioner:
@@ -167,7 +213,8 @@ class SGLD(MCMCKernel):
     Parameters
     ----------
     model : callable
-        A Pyro model. Network weights must be sampled *before* the data plate is entered.
+        A Pyro model with continuous latent sites, none of them inside a subsampled plate.
+        Network weights must be sampled *before* the data plate is entered (see Notes).
     step_size : float or callable
         ``eps``: a positive float, or a schedule ``step -> float`` (see
         :mod:`pyro_bnp.schedules`) evaluated at every update (0-based, warmup included).
@@ -175,7 +222,8 @@ class SGLD(MCMCKernel):
         ``None``: the model's plates decide (full data unless the model subsamples itself).
         ``{plate_name: B}``: the kernel feeds plate ``plate_name`` with ``B`` indices per update,
         in shuffled epochs without replacement. An ``int``: the model has exactly one plate that
-        holds observations; finding it costs one full-data run of the model at set-up.
+        holds observations; finding it costs one full-data run of the model at every set-up,
+        after which the attribute :attr:`subsample_size` holds the resolved ``{plate_name: B}``.
     preconditioner : str or Preconditioner
         ``"bnp"`` (default), ``"bnp+rmsprop"``, ``"rmsprop"`` (pSGLD), ``"identity"`` (plain
         SGLD) or an instance such as :class:`pyro_bnp.RMSprop`.
@@ -184,7 +232,8 @@ class SGLD(MCMCKernel):
         descent.
     thin : int
         Updates per returned draw (warmup draws included), so a run makes
-        ``(warmup_steps + num_samples) * thin`` gradient evaluations.
+        ``(warmup_steps + num_samples) * thin + 1`` gradient evaluations (one at the initial
+        point), besides the set-up run of the model.
     init_strategy : callable
         A Pyro init strategy; default :func:`init_to_median_or_sample`. User
         ``initial_params`` (unconstrained, as for HMC) take precedence.
@@ -196,6 +245,42 @@ class SGLD(MCMCKernel):
         A step whose log density or gradient is not finite is rejected (the chain stays where
         it was and the draw is flagged ``diverging``); this many rejections in a row raise an
         error.
+
+    Notes
+    -----
+    **Sample the weights of a PyroModule outside the data plate.** A ``PyroSample`` attribute is
+    sampled at its first access during ``forward``, inside whatever plates are active at that
+    moment, and cached for the rest of the call. Calling the network inside
+    ``pyro.plate("data", N)`` would therefore put every weight inside the data plate (an error
+    with ``subsample_size``: a latent site in a subsampled plate). Touch the weights first and
+    call the layers on the mini-batch inside the plate::
+
+        def forward(self, x, y=None):
+            for layer in (self.fc1, self.fc2):  # sampled here, outside the plate
+                _ = layer.weight, layer.bias
+            with pyro.plate("data", x.shape[0]) as idx:
+                mean = self.fc2(torch.tanh(self.fc1(x[idx]))).squeeze(-1)
+                pyro.sample("obs", dist.Normal(mean, 0.1), obs=None if y is None else y[idx])
+
+    (Calling the network outside the plate on the full ``x`` and observing inside also keeps
+    the weights global, but evaluates the network, and BNP's layer statistics, on every row.)
+
+    **Subsampling.** With ``subsample_size={"data": B}`` the plate of ``N`` rows is fed
+    consecutive slices of a random permutation: ``N // B`` consecutive gradient evaluations see
+    every row once (the ``N % B`` rows left over are skipped in that epoch), then a new
+    permutation is drawn from the chain's generator. The indices reach the model as the value
+    of ``pyro.plate(...)`` (``with pyro.plate("data", N) as idx``), and the plate scales the
+    likelihood by ``N / B``, so ``U_hat`` is unbiased.
+
+    **Randomness.** At :meth:`setup` every chain draws a seed from torch's global generator
+    (``diagnostics()["rng_seed"]``); the noise ``xi`` (site by site in sorted name order) and
+    the permutations come from a ``torch.Generator`` with that seed, so ``pyro.set_rng_seed``
+    makes a run reproducible. Pyro reuses one kernel for sequential chains; :meth:`setup`
+    resets every piece of chain state. The kernel pickles (also mid-chain, with its layer
+    hooks), as Pyro's multiprocessing chains need. Caveat (Pyro 1.9): with chains in parallel
+    processes, Pyro hands every chain the *last* chain's ``initial_params`` (it sets them on the
+    one shared kernel before the workers are started); per-chain initial values work with
+    sequential chains.
 
     Examples
     --------
@@ -225,16 +310,13 @@ class SGLD(MCMCKernel):
         else:
             self.step_size = _check_positive("step_size", step_size)
         self.temperature = _check_positive("temperature", temperature, allow_zero=True)
-        if isinstance(thin, bool) or not isinstance(thin, int) or thin < 1:
-            raise ValueError(f"thin must be a positive int, got {thin!r}")
-        self.thin = thin
-        if isinstance(max_rejections, bool) or not isinstance(max_rejections, int):
-            raise ValueError(f"max_rejections must be a positive int, got {max_rejections!r}")
-        if max_rejections < 1:
-            raise ValueError(f"max_rejections must be a positive int, got {max_rejections!r}")
-        self.max_rejections = max_rejections
-        self.subsample_size = self._check_subsample(subsample_size)
+        self.thin = _check_count("thin", thin)
+        self.max_rejections = _check_count("max_rejections", max_rejections)
+        self._subsample_spec = self._check_subsample(subsample_size)
+        self.subsample_size: int | dict[str, int] | None = self._subsample_spec
         self.preconditioner = _make_preconditioner(preconditioner)
+        if not callable(init_strategy):
+            raise ValueError(f"init_strategy must be callable, got {init_strategy!r}")
         self.init_strategy = init_strategy
         if modules is None:
             self.modules: tuple[nn.Module, ...] = (model,) if isinstance(model, nn.Module) else ()
@@ -247,6 +329,8 @@ class SGLD(MCMCKernel):
                     raise ValueError(f"modules must be nn.Module instances, got {type(m)}")
         self._user_initial_params: dict[str, Tensor] | None = None
         self.transforms: dict[str, Transform] | None = None
+        self._warned_no_layers = False  # warn once per kernel, not once per chain
+        self._save_params: list[str] | None = None
         self._reset()
 
     # ------------------------------------------------------------------ validation
@@ -257,13 +341,19 @@ class SGLD(MCMCKernel):
         if isinstance(spec, Mapping):
             out = {}
             for name, b in spec.items():
-                if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-                    raise ValueError(f"subsample_size[{name!r}] must be a positive int, got {b!r}")
-                out[str(name)] = b
+                if not isinstance(name, str):
+                    raise ValueError(
+                        "subsample_size must map plate names (str) to batch sizes, got key "
+                        f"{name!r}"
+                    )
+                out[name] = _check_count(f"subsample_size[{name!r}]", b)
             return out
-        if isinstance(spec, bool) or not isinstance(spec, int) or spec < 1:
-            raise ValueError(f"subsample_size must be None, a positive int or a dict, got {spec!r}")
-        return spec
+        if isinstance(spec, bool) or not isinstance(spec, numbers.Integral) or spec < 1:
+            raise ValueError(
+                "subsample_size must be None, a positive int or a dict {plate_name: batch_size}, "
+                f"got {spec!r}"
+            )
+        return int(spec)
 
     # ------------------------------------------------------------------ state
     def _reset(self) -> None:
@@ -286,6 +376,7 @@ class SGLD(MCMCKernel):
         self._draw = 0  # calls to sample()
         self._lp = math.nan
         self._grads: dict[str, Tensor] = {}
+        self._z: dict[str, Tensor] = {}  # the state the cached lp / gradient belong to
         self._eps = math.nan
         self._rejected_in_row = 0
         self._num_data = 1.0
@@ -306,16 +397,60 @@ class SGLD(MCMCKernel):
 
     @initial_params.setter
     def initial_params(self, params: Mapping[str, Tensor] | None) -> None:
-        self._user_initial_params = None if params is None else dict(params)
+        # Checked against the model's sites (names, shapes) by the next :meth:`setup`.
+        if params is None:
+            self._user_initial_params = None
+            return
+        if not isinstance(params, Mapping):
+            raise ValueError(
+                f"initial_params must be a dict {{site: unconstrained tensor}}, got {params!r}"
+            )
+        for name, v in params.items():
+            if not isinstance(v, Tensor):
+                raise ValueError(
+                    f"initial_params[{name!r}] must be a tensor (unconstrained value), got "
+                    f"{type(v).__name__}"
+                )
+        self._user_initial_params = dict(params)
+
+    @property
+    def save_params(self) -> list[str]:
+        """The sites Pyro's samplers record, sorted (``MCMC(save_params=...)`` sets it).
+
+        Kept sorted because Pyro packs each draw in this order but unpacks it in sorted name
+        order: an unsorted list would give one site's values to another. Unset (the default),
+        the attribute does not exist and Pyro records every latent site.
+        """
+        if self._save_params is None:
+            raise AttributeError("save_params")
+        return self._save_params
+
+    @save_params.setter
+    def save_params(self, names: Iterable[str] | None) -> None:
+        if names is None:
+            self._save_params = None
+            return
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"save_params must be a list of site names, got {names!r}")
+        self._save_params = sorted(set(names))
 
     # ------------------------------------------------------------------ set-up
     def setup(self, warmup_steps: int, *args: Any, **kwargs: Any) -> None:
         """Reset all state for a new chain, find the latent sites and initialise them.
 
-        Cheap: one run of the model on one mini-batch (on the full data when
-        ``subsample_size`` is an int). Hooks and the first gradient evaluation wait for the
-        first :meth:`sample` call, so ``setup(0, ...)`` (Pyro calls it to read
-        :attr:`transforms`) leaves nothing behind.
+        Cheap: one run of the model without gradients, on the first ``B`` rows of each plate
+        named in a dict ``subsample_size`` (on the full data when ``subsample_size`` is an int,
+        which must find the plate). The preconditioner is reset here; layer hooks and the first
+        gradient evaluation wait for the first :meth:`sample` call, so ``setup(0, ...)`` (Pyro
+        calls it in the main process to read :attr:`transforms`) leaves nothing behind on the
+        model.
+
+        Raises
+        ------
+        ValueError
+            For a discrete latent site, a latent site inside a subsampled plate, an unknown
+            plate or a batch larger than its plate in ``subsample_size``, or ``initial_params``
+            naming an unknown site or having a wrong shape.
         """
         self.cleanup()
         self._reset()
@@ -326,12 +461,9 @@ class SGLD(MCMCKernel):
 
         user = self._user_initial_params
 
-        indices: dict[str, Tensor]
-        if isinstance(self.subsample_size, dict):
-            indices = {k: torch.arange(b) for k, b in self.subsample_size.items()}
-        else:
-            indices = {}
-        plates = _Plates(indices)
+        spec = self._subsample_spec
+        batch = spec if isinstance(spec, dict) else {}
+        plates = _Plates(batch)
         with plates, torch.no_grad():
             tr = trace(InitMessenger(self.init_strategy)(self.model)).get_trace(*args, **kwargs)
         self._resolve_plates(plates.seen, tr)
@@ -353,11 +485,7 @@ class SGLD(MCMCKernel):
                 )
             for frame in site["cond_indep_stack"]:
                 if frame.name in self._inject or frame.name in self._own_plates:
-                    raise ValueError(
-                        f"latent site {name!r} is inside the subsampled plate {frame.name!r}: "
-                        "local latent variables are not supported; sample it outside the data "
-                        "plate"
-                    )
+                    raise _local_latent_error(name, frame.name)
             t = biject_to(fn.support)
             to_constrained[name] = t
             z0[name] = t.inv(site["value"]).detach()
@@ -380,11 +508,26 @@ class SGLD(MCMCKernel):
                         f"{tuple(z0[name].shape)}"
                     )
                 z0[name] = v.detach().to(z0[name].dtype)
+        if self._save_params is not None:
+            unknown = sorted(set(self._save_params) - set(z0))
+            if unknown:
+                raise ValueError(
+                    f"save_params names {unknown}, which are not latent sites; the latent sites "
+                    f"are {sorted(z0)}"
+                )
         self._initial_params = z0
         self._num_data = self._count_data(tr)
+        # Fresh preconditioner state as soon as the chain is set up (re-done with the layers
+        # by the first sample()).
+        self.preconditioner.init(z0, num_data=self._num_data)
 
     def _resolve_plates(self, seen: Mapping[str, tuple[int, int | None]], tr: Any) -> None:
-        spec = self.subsample_size
+        """Fill ``_inject`` (plates the kernel feeds) and ``_own_plates`` for this chain.
+
+        An int ``subsample_size`` is resolved anew at every set-up (from the value given to the
+        constructor) and :attr:`subsample_size` shows the resolved ``{plate: B}``.
+        """
+        spec = self._subsample_spec
         if isinstance(spec, int):
             holders = []
             for name, (size, sub) in seen.items():
@@ -405,7 +548,7 @@ class SGLD(MCMCKernel):
                     "{plate_name: batch_size}"
                 )
             spec = {holders[0]: spec}
-            self.subsample_size = spec
+        self.subsample_size = None if spec is None else dict(spec)
         for name, (size, sub) in seen.items():
             if sub is not None and sub < size:
                 self._own_plates[name] = (size, sub)  # the model subsamples this one itself
@@ -436,22 +579,37 @@ class SGLD(MCMCKernel):
                 best = max(best, n)
         return float(best)
 
-    def _start(self) -> None:
+    def _start(self, z: dict[str, Tensor]) -> None:
         """First call to sample(): install hooks, initialise the preconditioner, evaluate."""
-        assert self._initial_params is not None
         layers: tuple[LayerRef, ...] = ()
         if getattr(self.preconditioner, "needs_layers", False):
             layers = self._install_layers()
         self._layers = layers
-        self.preconditioner.init(self._initial_params, num_data=self._num_data, layers=layers)
-        lp, grads = self._evaluate(self._initial_params)
-        if not math.isfinite(lp) or not all(torch.isfinite(g).all() for g in grads.values()):
-            raise ValueError(
-                f"the log density at the initial point is not finite (lp={lp}); check "
-                "init_strategy or initial_params"
-            )
-        self._lp, self._grads = lp, grads
+        self.preconditioner.init(z, num_data=self._num_data, layers=layers)
+        self._evaluate_at(
+            z, "at the initial point is not finite; check init_strategy or initial_params"
+        )
         self._started = True
+        if self._warmup_steps == 0 and getattr(self.preconditioner, "freeze_after_warmup", False):
+            self.preconditioner.freeze()  # no warmup: frozen from the first update on
+
+    def _evaluate_at(self, z: dict[str, Tensor], what: str) -> None:
+        """Evaluate the state ``z`` the chain is asked to continue from; it must be finite."""
+        lp, grads = self._evaluate(z)
+        if not (math.isfinite(lp) and _all_finite(grads)):
+            raise ValueError(f"the log density or its gradient {what} (lp={lp})")
+        self._lp, self._grads, self._z = lp, grads, z
+
+    def _check_state(self, z: dict[str, Tensor]) -> None:
+        expected = self._initial_params or {}
+        if z.keys() != expected.keys():
+            raise ValueError(f"sample() needs the latent sites {sorted(expected)}, got {sorted(z)}")
+        for k, v in z.items():
+            if v.shape != expected[k].shape:
+                raise ValueError(
+                    f"sample(): params[{k!r}] has shape {tuple(v.shape)}, the site has "
+                    f"{tuple(expected[k].shape)}"
+                )
 
     def _install_layers(self) -> tuple[LayerRef, ...]:
         from pyro_bnp.layers import find_layers
@@ -463,6 +621,9 @@ class SGLD(MCMCKernel):
         sites = set(self._identity) & set(self._initial_params)
         layers, hooks = find_layers(self.modules, sites, **options)
         if not layers:
+            if self._warned_no_layers:
+                return ()
+            self._warned_no_layers = True
             warnings.warn(
                 f"{cfg!r} found no Linear/Conv layer whose weight is a latent site (pass "
                 "modules= for a plain-function model); it acts as "
@@ -543,10 +704,29 @@ class SGLD(MCMCKernel):
         return float(eps)
 
     def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Run ``thin`` SGLD updates from ``params`` and return the new unconstrained draw."""
-        if not self._started:
-            self._start()
+        """Run ``thin`` SGLD updates from ``params`` and return the new unconstrained draw.
+
+        An update whose proposal, log density or gradient is not finite is rejected: the chain
+        stays where it was and the draw is flagged ``diverging``. ``max_rejections`` rejections
+        in a row raise a ``RuntimeError``. Proposals are evaluated with Pyro's distribution
+        validation off (as :class:`~pyro.infer.mcmc.api.MCMC` does by default), so an invalid
+        parameter counts as a rejected step rather than an exception.
+
+        The mini-batch log density and gradient of the last returned state are cached; if
+        ``params`` is a different state (not what Pyro's samplers pass), it is evaluated anew.
+        """
+        if self._initial_params is None:
+            raise RuntimeError("SGLD.sample() called before setup()")
         z = {k: v.detach() for k, v in params.items()}
+        if not self._started:
+            self._check_state(z)
+            self._start(z)
+        elif not (
+            z.keys() == self._z.keys() and all(torch.equal(v, self._z[k]) for k, v in z.items())
+        ):
+            # not the state this kernel returned last: the cached gradient does not apply
+            self._check_state(z)
+            self._evaluate_at(z, "at the parameters passed to sample() is not finite")
         diverging = False
         pre = self.preconditioner
         for _ in range(self.thin):
@@ -555,8 +735,17 @@ class SGLD(MCMCKernel):
             pre.update(self._grads)
             z_new = pre.step(z, self._grads, eps, self.temperature, self._rng)
             self._t += 1
-            lp, grads = self._evaluate(z_new)
-            finite = math.isfinite(lp) and all(torch.isfinite(g).all() for g in grads.values())
+            lp, grads = math.nan, self._grads
+            finite = _all_finite(z_new)
+            if finite:  # a non-finite proposal is rejected without running the model
+                # Validation off (as in Pyro's MCMC): an invalid distribution parameter
+                # makes a non-finite log density, i.e. a rejected step, not an exception.
+                if is_validation_enabled():
+                    with pyro.validation_enabled(False):
+                        lp, grads = self._evaluate(z_new)
+                else:
+                    lp, grads = self._evaluate(z_new)
+                finite = math.isfinite(lp) and _all_finite(grads)
             if finite:
                 z, self._lp, self._grads = z_new, lp, grads
                 self._rejected_in_row = 0
@@ -567,8 +756,10 @@ class SGLD(MCMCKernel):
                     raise RuntimeError(
                         f"SGLD: {self._rejected_in_row} updates in a row gave a non-finite log "
                         f"density or gradient (last at update {self._t}, step size {eps:.3g}); "
-                        "the step size is probably too large: try a smaller one"
+                        "the step size is probably too large: try a smaller one (or raise "
+                        f"max_rejections={self.max_rejections})"
                     )
+        self._z = z
         self._draw += 1
         if self._draw == self._warmup_steps and getattr(pre, "freeze_after_warmup", False):
             pre.freeze()
@@ -596,8 +787,9 @@ class SGLD(MCMCKernel):
         """Per-draw statistics of the post-warmup draws, the same keys for every chain.
 
         ``lp`` (mini-batch estimate of the log joint at the draw, unconstrained space),
-        ``step_size``, ``grad_norm`` (of ``grad U_hat``), ``diverging`` (a rejected update
-        within the draw), ``divergences`` (post-warmup draw indices, as Pyro reports them),
+        ``step_size`` (of the draw's last update, so schedules can be checked),
+        ``grad_norm`` (of ``grad U_hat``), ``diverging`` (a rejected update within the draw),
+        ``divergences`` (post-warmup draw indices, as Pyro's ``MCMC.summary`` counts them),
         ``warmup_divergences`` and ``rng_seed`` (the chain's generator seed).
         """
         st = self._stats
@@ -624,8 +816,9 @@ class SGLD(MCMCKernel):
         }
 
     def __getstate__(self) -> dict[str, Any]:
+        # The layer hooks (if installed) are pickled together with the network they sit on
+        # and the statistics they feed, so a copy made mid-chain continues exactly.
         state = self.__dict__.copy()
-        state["_hooks"] = None
         rng = state.get("_rng")
         state["_rng"] = None if rng is None else rng.get_state()
         return state
@@ -636,5 +829,3 @@ class SGLD(MCMCKernel):
         if rng_state is not None:
             self._rng = torch.Generator()
             self._rng.set_state(rng_state)
-        if self._started and self._layers:
-            self._started = False  # hooks are not pickled: re-install on the next sample()
