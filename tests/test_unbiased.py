@@ -108,7 +108,7 @@ def test_minibatch_estimate_is_unbiased(seed):
     kernel.setup(0, x, y)
     _independent_batches(kernel, seed)
     zs = _z_scores(_estimates(kernel, z, K), full)
-    print("z (lp, dlp/db, dlp/ds, dlp/dw):", zs.numpy().round(2))
+    print("z (lp, dlp/db, dlp/ds, dlp/dw x3):", zs.numpy().round(2))
     assert torch.all(zs.abs() < Z), zs
 
     # Power: the same test on the estimate without the N / B factor fails by far.
