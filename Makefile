@@ -37,5 +37,8 @@ test: lint
 test-full: lint
 	$(BIN)/pytest -q -m "slow or not slow"
 
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/run_all.py --out benchmarks/results
+
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .mypy_cache .ruff_cache
