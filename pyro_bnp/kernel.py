@@ -8,6 +8,7 @@ The kernel is a thin holder of state. The numerics live in
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import warnings
@@ -146,6 +147,41 @@ def _all_finite(values: Mapping[str, Tensor]) -> bool:
     return math.isfinite(sum(float(v.sum()) for v in values.values()))
 
 
+def _max_abs(values: Mapping[str, Tensor]) -> float:
+    """Largest absolute entry over all tensors (nan if any entry is nan): one reduction each."""
+    out = 0.0
+    for v in values.values():
+        if v.numel():
+            m = float(v.abs().max())
+            if not m <= out:  # larger, or nan
+                out = m
+    return out
+
+
+def _check_data(
+    model: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> None:
+    """Raise a ValueError naming the argument and index of the first NaN in the model's data."""
+    try:
+        target = model.forward if isinstance(model, nn.Module) else model
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        names = []
+    items = [
+        (names[i] if i < len(names) else f"#{i}", f"positional argument {i}", a)
+        for i, a in enumerate(args)
+    ] + [(k, "keyword argument", v) for k, v in kwargs.items()]
+    for name, kind, value in items:
+        if isinstance(value, Tensor) and value.is_floating_point():
+            bad = torch.isnan(value)
+            if bool(bad.any()):
+                index = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"the data contain NaN: {kind} {name!r} (shape {tuple(value.shape)}) at index "
+                    f"{index} ({int(bad.sum())} NaN in all); remove or impute them before sampling"
+                )
+
+
 def _is_identity(t: Transform) -> bool:
     while isinstance(t, IndependentTransform):
         t = t.base_transform
@@ -245,6 +281,9 @@ class SGLD(MCMCKernel):
         A step whose log density or gradient is not finite is rejected (the chain stays where
         it was and the draw is flagged ``diverging``); this many rejections in a row raise an
         error.
+    max_abs_param : float
+        An update that takes any unconstrained parameter beyond this absolute value (the chain
+        is exploding) raises an error naming the update and suggesting a step size.
 
     Notes
     -----
@@ -301,6 +340,7 @@ class SGLD(MCMCKernel):
         init_strategy: Callable[..., Any] = init_to_median_or_sample,
         modules: nn.Module | Iterable[nn.Module] | None = None,
         max_rejections: int = 20,
+        max_abs_param: float = 1e10,
     ) -> None:
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
@@ -312,6 +352,7 @@ class SGLD(MCMCKernel):
         self.temperature = _check_positive("temperature", temperature, allow_zero=True)
         self.thin = _check_count("thin", thin)
         self.max_rejections = _check_count("max_rejections", max_rejections)
+        self.max_abs_param = _check_positive("max_abs_param", max_abs_param)
         self._subsample_spec = self._check_subsample(subsample_size)
         self.subsample_size: int | dict[str, int] | None = self._subsample_spec
         self.preconditioner = _make_preconditioner(preconditioner)
@@ -331,6 +372,8 @@ class SGLD(MCMCKernel):
         self.transforms: dict[str, Transform] | None = None
         self._warned_no_layers = False  # warn once per kernel, not once per chain
         self._save_params: list[str] | None = None
+        self._resume: dict[str, Any] | None = None  # a state_dict() to continue from
+        self._resume_applied = False
         self._reset()
 
     # ------------------------------------------------------------------ validation
@@ -387,6 +430,7 @@ class SGLD(MCMCKernel):
             "diverging": [],
         }
         self._warmup_divergences = 0
+        self._last_diverging = False
 
     @property
     def initial_params(self) -> dict[str, Tensor]:
@@ -456,6 +500,7 @@ class SGLD(MCMCKernel):
         self._reset()
         self._warmup_steps = int(warmup_steps)
         self._args, self._kwargs = args, kwargs
+        _check_data(self.model, args, kwargs)
         self._rng_seed = int(torch.randint(0, 2**62, ()).item())
         self._rng = torch.Generator().manual_seed(self._rng_seed)
 
@@ -520,6 +565,9 @@ class SGLD(MCMCKernel):
         # Fresh preconditioner state as soon as the chain is set up (re-done with the layers
         # by the first sample()).
         self.preconditioner.init(z0, num_data=self._num_data)
+        self._resume_applied = False
+        if self._resume is not None:
+            self._apply_resume_position()
 
     def _resolve_plates(self, seen: Mapping[str, tuple[int, int | None]], tr: Any) -> None:
         """Fill ``_inject`` (plates the kernel feeds) and ``_own_plates`` for this chain.
@@ -586,11 +634,23 @@ class SGLD(MCMCKernel):
             layers = self._install_layers()
         self._layers = layers
         self.preconditioner.init(z, num_data=self._num_data, layers=layers)
-        self._evaluate_at(
-            z, "at the initial point is not finite; check init_strategy or initial_params"
-        )
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["preconditioner"] is not None:
+            self.preconditioner.load_state_dict(resume["preconditioner"])
+        if resume is not None and resume["started"]:
+            self._lp = float(resume["lp"])
+            self._grads = {k: v.clone() for k, v in resume["grads"].items()}
+            self._z = z
+        else:
+            self._evaluate_at(
+                z, "at the initial point is not finite; check init_strategy or initial_params"
+            )
         self._started = True
-        if self._warmup_steps == 0 and getattr(self.preconditioner, "freeze_after_warmup", False):
+        if (
+            resume is None
+            and self._warmup_steps == 0
+            and getattr(self.preconditioner, "freeze_after_warmup", False)
+        ):
             self.preconditioner.freeze()  # no warmup: frozen from the first update on
 
     def _evaluate_at(self, z: dict[str, Tensor], what: str) -> None:
@@ -736,7 +796,14 @@ class SGLD(MCMCKernel):
             z_new = pre.step(z, self._grads, eps, self.temperature, self._rng)
             self._t += 1
             lp, grads = math.nan, self._grads
-            finite = _all_finite(z_new)
+            largest = _max_abs(z_new)
+            finite = math.isfinite(largest)
+            if finite and largest > self.max_abs_param:
+                raise RuntimeError(
+                    f"SGLD: the chain is exploding: update {self._t} moved a parameter to "
+                    f"|theta| = {largest:.3g} > max_abs_param={self.max_abs_param:g} (step size "
+                    f"{eps:.3g}); try a smaller step size, e.g. {eps / 10:.3g}"
+                )
             if finite:  # a non-finite proposal is rejected without running the model
                 # Validation off (as in Pyro's MCMC): an invalid distribution parameter
                 # makes a non-finite log density, i.e. a rejected step, not an exception.
@@ -760,6 +827,7 @@ class SGLD(MCMCKernel):
                         f"max_rejections={self.max_rejections})"
                     )
         self._z = z
+        self._last_diverging = diverging
         self._draw += 1
         if self._draw == self._warmup_steps and getattr(pre, "freeze_after_warmup", False):
             pre.freeze()
@@ -774,6 +842,98 @@ class SGLD(MCMCKernel):
         elif diverging:
             self._warmup_divergences += 1
         return z
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Return everything needed to continue this chain exactly (tensors are cloned).
+
+        The position, the cached mini-batch log density and gradient at it, the update and draw
+        counters (so schedules continue), the generator state (noise and mini-batch order), the
+        current epoch's permutation and the preconditioner's state (RMSprop's ``V``, BNP's layer
+        statistics). Save it with ``torch.save``; continue with :meth:`load_state_dict`.
+        """
+        if self._initial_params is None or self._rng is None:
+            raise RuntimeError("state_dict() needs a chain: call setup() (or run MCMC) first")
+        z = self._z if self._started else self._initial_params
+        return {
+            "format": 1,
+            "sites": {k: tuple(v.shape) for k, v in z.items()},
+            "z": {k: v.detach().clone() for k, v in z.items()},
+            "started": self._started,
+            "lp": self._lp,
+            "grads": {k: v.clone() for k, v in self._grads.items()},
+            "t": self._t,
+            "draw": self._draw,
+            "eps": self._eps,
+            "rejected_in_row": self._rejected_in_row,
+            "rng_seed": self._rng_seed,
+            "rng_state": self._rng.get_state(),
+            "perms": {k: v.clone() for k, v in self._perms.items()},
+            "pos": dict(self._pos),
+            "preconditioner": self.preconditioner.state_dict() if self._started else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the chain saved by :meth:`state_dict` (in the same or another process).
+
+        Applied at the next :meth:`setup` (so ``MCMC(kernel, ...).run(...)`` continues the
+        chain), or at once if the kernel is set up and has not sampled yet. The position becomes
+        :attr:`initial_params`; counters, generator, mini-batch order and preconditioner state
+        are restored, so the continued run gives exactly the draws of an uninterrupted one,
+        whatever the global seed is. ``warmup_steps`` of the continued run count the warmup
+        draws still to do (0 after warmup). One state continues one chain: for several chains
+        use one kernel per chain (a saved state is consumed by the first set-up that uses it).
+
+        Raises
+        ------
+        ValueError
+            If ``state`` is not a state of this kernel (format, sites and shapes are checked).
+        """
+        if not isinstance(state, Mapping) or state.get("format") != 1:
+            raise ValueError("load_state_dict: not a pyro_bnp.SGLD state_dict (format 1)")
+        self._resume = dict(state)
+        self._resume_applied = False
+        if self._initial_params is not None and not self._started:
+            self._apply_resume_position()
+
+    def _apply_resume_position(self) -> None:
+        state = self._resume
+        assert state is not None and self._initial_params is not None and self._rng is not None
+        if self._resume_applied:
+            return
+        expected = {k: tuple(v.shape) for k, v in self._initial_params.items()}
+        if dict(state["sites"]) != expected:
+            raise ValueError(
+                f"load_state_dict: the saved chain has sites {state['sites']}, this model has "
+                f"{expected}"
+            )
+        self._initial_params = {
+            k: v.clone().to(self._initial_params[k].dtype) for k, v in state["z"].items()
+        }
+        self._warmup_steps += int(state["draw"])  # warmup_steps counts the remaining warmup
+        self._t, self._draw = int(state["t"]), int(state["draw"])
+        self._eps = float(state["eps"])
+        self._rejected_in_row = int(state["rejected_in_row"])
+        self._rng_seed = int(state["rng_seed"])
+        self._rng.set_state(state["rng_state"])
+        self._perms = {k: v.clone() for k, v in state["perms"].items()}
+        self._pos = dict(state["pos"])
+        self._resume_applied = True
+
+    def last_draw_stats(self) -> dict[str, Any]:
+        """Statistics of the draw :meth:`sample` returned last (for hooks that stream draws).
+
+        ``lp``, ``step_size``, ``grad_norm``, ``diverging`` and ``warmup`` (True during warmup).
+        """
+        warmup = self._draw <= self._warmup_steps
+        grad_norm = math.sqrt(sum(float(g.square().sum()) for g in self._grads.values()))
+        return {
+            "lp": self._lp,
+            "step_size": self._eps,
+            "grad_norm": grad_norm,
+            "diverging": self._last_diverging,
+            "warmup": warmup,
+        }
 
     # ------------------------------------------------------------------ reporting
     def logging(self) -> OrderedDict[str, str]:

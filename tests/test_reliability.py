@@ -1,0 +1,201 @@
+"""Long runs survive interruption, faults and bad input (issue: reliability)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import arviz_stats as azs
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import MCMC
+from reliability_models import data, make_kernel
+from sgld_models import gaussian_target, linreg, make_linreg_data
+
+from pyro_bnp import SGLD
+from pyro_bnp.store import load_store, sample_to_store
+
+HERE = Path(__file__).resolve().parent
+
+
+def _posterior(dt):
+    return {k: np.asarray(v.values) for k, v in dt["posterior"].data_vars.items()}
+
+
+def test_resume_through_store_equals_uninterrupted(tmp_path):
+    x, y = data()
+    pyro.set_rng_seed(1)
+    full = sample_to_store(
+        make_kernel(),
+        tmp_path / "a",
+        x,
+        y,
+        num_samples=400,
+        warmup_steps=30,
+        every=50,
+        progress=False,
+    )
+    pyro.set_rng_seed(1)
+    sample_to_store(
+        make_kernel(),
+        tmp_path / "b",
+        x,
+        y,
+        num_samples=200,
+        warmup_steps=30,
+        every=50,
+        progress=False,
+    )
+    pyro.set_rng_seed(12345)  # a different global seed at resume time
+    resumed = sample_to_store(
+        make_kernel(),
+        tmp_path / "b",
+        x,
+        y,
+        num_samples=400,
+        warmup_steps=30,
+        every=50,
+        progress=False,
+    )
+    a, b = _posterior(full), _posterior(resumed)
+    assert a.keys() == b.keys() and a["sigma"].shape == (1, 400)
+    for k in a:
+        assert torch.equal(torch.from_numpy(a[k]), torch.from_numpy(b[k])), k
+    for k in ("lp", "step_size", "grad_norm"):
+        assert np.array_equal(full["sample_stats"][k].values, resumed["sample_stats"][k].values)
+
+
+def test_resume_with_mcmc_equals_uninterrupted():
+    """The documented way with pyro's MCMC: state_dict, new kernel, load_state_dict, run."""
+    x, y = data()
+    pyro.set_rng_seed(2)
+    k_full = make_kernel()
+    m_full = MCMC(k_full, num_samples=400, warmup_steps=20, disable_progbar=True)
+    m_full.run(x, y)
+    pyro.set_rng_seed(2)
+    k1 = make_kernel()
+    m1 = MCMC(k1, num_samples=200, warmup_steps=20, disable_progbar=True)
+    m1.run(x, y)
+    state = k1.state_dict()
+    pyro.set_rng_seed(777)
+    k2 = make_kernel()
+    k2.load_state_dict(state)
+    m2 = MCMC(k2, num_samples=200, warmup_steps=0, disable_progbar=True)
+    m2.run(x, y)
+    full, first, second = m_full.get_samples(), m1.get_samples(), m2.get_samples()
+    for k in full:
+        assert torch.equal(full[k], torch.cat([first[k], second[k]])), k
+    assert k_full.diagnostics()["lp"][200:] == k2.diagnostics()["lp"]
+
+
+def test_kill_leaves_readable_store(tmp_path):
+    store = tmp_path / "store"
+    log = tmp_path / "stderr.txt"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "kill_target.py"), str(store)],
+            cwd=HERE,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (store / "part-000002.nc").exists():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the run wrote no draws in time"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    dt = load_store(store)
+    n = dt["posterior"].sizes["draw"]
+    assert n >= 30 and n % 10 == 0
+    summary = azs.summary(dt, var_names=["sigma"])
+    assert np.isfinite(summary["mean"].to_numpy()).all()
+    # The killed run continues from its last checkpoint.
+    x, y = data()
+    more = sample_to_store(
+        make_kernel(), store, x, y, num_samples=n + 20, warmup_steps=20, every=10, progress=False
+    )
+    assert more["posterior"].sizes["draw"] == n + 20
+    assert np.array_equal(
+        more["posterior"]["sigma"].values[0, :n], dt["posterior"]["sigma"].values[0]
+    )
+
+
+def test_load_store_with_model_gives_log_likelihood(tmp_path):
+    x, y = data(120)
+    pyro.set_rng_seed(3)
+    kernel = make_kernel()
+    dt = sample_to_store(kernel, tmp_path, x, y, num_samples=40, every=15, progress=False)
+    assert dt["log_likelihood"]["obs"].shape == (1, 40, 120)
+    assert set(dt["sample_stats"].data_vars) >= {"lp", "step_size", "grad_norm", "diverging"}
+    with pytest.raises(ValueError, match="already holds a run"):
+        sample_to_store(kernel, tmp_path, x, y, num_samples=40, resume=False, progress=False)
+
+
+def test_same_seed_same_draws_sequential_chains(monkeypatch):
+    monkeypatch.setattr(torch.multiprocessing, "cpu_count", lambda: 1)
+    x, y = make_linreg_data(100)
+    runs = []
+    for _ in range(2):
+        pyro.set_rng_seed(5)
+        kernel = SGLD(linreg, step_size=1e-3, subsample_size={"data": 20}, preconditioner="rmsprop")
+        with pytest.warns(UserWarning, match="sequentially"):
+            mcmc = MCMC(kernel, num_samples=50, warmup_steps=10, num_chains=2, disable_progbar=True)
+        mcmc.run(x, y)
+        runs.append(mcmc.get_samples(group_by_chain=True))
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k])
+        assert not torch.equal(runs[0][k][0], runs[0][k][1])  # the chains differ
+
+
+def test_nan_in_data_is_reported_before_sampling():
+    x, y = make_linreg_data(50)
+    y[17] = float("nan")
+    kernel = SGLD(linreg, step_size=1e-3, preconditioner="identity")
+    with pytest.raises(ValueError, match=r"'y' \(shape \(50,\)\) at index \(17,\)"):
+        kernel.setup(0, x, y)
+    x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"'x' \(shape \(50, 3\)\) at index \(3, 1\)"):
+        kernel.setup(0, x, y)
+
+
+def test_exploding_chain_is_detected():
+    kernel = SGLD(
+        gaussian_target,
+        step_size=5.0,
+        preconditioner="identity",
+        temperature=0.0,
+        max_abs_param=1e6,
+    )
+    mcmc = MCMC(kernel, num_samples=200, warmup_steps=0, disable_progbar=True)
+    with pytest.raises(RuntimeError, match=r"exploding: update \d+ .*try a smaller step size"):
+        mcmc.run(torch.ones(3), 1.0)
+
+
+def test_state_dict_rejects_a_foreign_state():
+    x, y = make_linreg_data(50)
+    kernel = SGLD(linreg, step_size=1e-3, preconditioner="identity")
+    with pytest.raises(ValueError, match="not a pyro_bnp.SGLD state_dict"):
+        kernel.load_state_dict({"z": {}})
+    with pytest.raises(RuntimeError, match="needs a chain"):
+        kernel.state_dict()
+
+    def other(x, y):
+        pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    kernel.setup(0, x, y)
+    state = kernel.state_dict()
+    k2 = SGLD(other, step_size=1e-3, preconditioner="identity")
+    k2.load_state_dict(state)
+    with pytest.raises(ValueError, match="saved chain has sites"):
+        k2.setup(0, x, y)
