@@ -434,8 +434,12 @@ class BNP(Preconditioner):
             }
             nz = xi if rms is None else rms.noise(xi)  # fresh tensors: updated in place
             scale = math.sqrt(step_size * temperature)
-            # theta + scale * A (xi - (half / scale) A^T g)
-            u = {k: nz[k].sub_(dz[k], alpha=half / scale) for k in params}
+            if half < 1e30 * scale:
+                # theta + scale * A (xi - (half / scale) A^T g)
+                u = {k: nz[k].sub_(dz[k], alpha=half / scale) for k in params}
+            else:  # a tiny temperature: half / scale would overflow float32
+                u = {k: nz[k].mul_(scale).sub_(dz[k] * half) for k in params}
+                scale = 1.0
         else:
             scale = -half
             u = {k: dz[k] for k in params}

@@ -189,12 +189,10 @@ def _is_identity(t: Transform) -> bool:
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
-    if isinstance(value, bool):
+    real = isinstance(value, numbers.Real) or (isinstance(value, Tensor) and value.numel() == 1)
+    if isinstance(value, bool) or not real:  # no strings: "1" would be a silent conversion
         raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    value = float(value)
     ok = value >= 0.0 if allow_zero else value > 0.0
     if not ok or not math.isfinite(value):
         kind = "non-negative" if allow_zero else "positive"

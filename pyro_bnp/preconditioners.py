@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 Params = dict[str, Tensor]
+_TINY = float(torch.finfo(torch.float32).tiny)
 
 __all__ = [
     "Identity",
@@ -174,7 +175,12 @@ class Preconditioner:
             }
             noise = self.noise(xi)
             scale = math.sqrt(step_size * temperature)
-            return {k: (v - half * drift[k]).add_(noise[k], alpha=scale) for k, v in params.items()}
+            return {
+                k: (v - half * drift[k]).add_(noise[k].mul_(scale))
+                if scale < _TINY  # alpha= must be representable in float32
+                else (v - half * drift[k]).add_(noise[k], alpha=scale)
+                for k, v in params.items()
+            }
         return {k: v - half * drift[k] for k, v in params.items()}
 
     # -- state -------------------------------------------------------------------------
