@@ -172,8 +172,9 @@ def sample_to_store(
     every: int = 100,
     resume: bool = True,
     progress: bool = True,
+    load: bool = True,
     **kwargs: Any,
-) -> xr.DataTree:
+) -> xr.DataTree | None:
     """Run (or continue) one chain of ``kernel``, streaming its draws to ``directory``.
 
     Parameters
@@ -196,12 +197,15 @@ def sample_to_store(
         Continue from an existing checkpoint (default); ``False`` refuses a non-empty store.
     progress : bool
         Show a progress bar.
+    load : bool
+        Return the finished store read back with :func:`load_store` (memory grows with the
+        number of draws); ``False`` returns None and keeps memory flat.
 
     Returns
     -------
-    xarray.DataTree
+    xarray.DataTree or None
         :func:`load_store` of the finished store (posterior, sample_stats, log_likelihood,
-        observed_data).
+        observed_data), if ``load``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -243,6 +247,8 @@ def sample_to_store(
         finally:
             store.flush()
             kernel.cleanup()
+    if not load:
+        return None
     model = getattr(kernel, "model", None)
     return load_store(directory, model=model, model_args=args, model_kwargs=kwargs)
 
