@@ -429,6 +429,7 @@ class SGLD(MCMCKernel):
         }
         self._warmup_divergences = 0
         self._last_diverging = False
+        self._returned: dict[str, Tensor] | None = None
 
     @property
     def initial_params(self) -> dict[str, Tensor]:
@@ -775,11 +776,17 @@ class SGLD(MCMCKernel):
         """
         if self._initial_params is None:
             raise RuntimeError("SGLD.sample() called before setup()")
-        z = {k: v.detach() for k, v in params.items()}
+        # Pyro passes back the dict we returned last (identity checks only: no tensor ops)
+        returned = (
+            params is self._returned
+            and len(params) == len(self._z)
+            and all(params.get(k) is v for k, v in self._z.items())
+        )
+        z = self._z if returned else {k: v.detach() for k, v in params.items()}
         if not self._started:
             self._check_state(z)
             self._start(z)
-        elif not (
+        elif not returned and not (
             z.keys() == self._z.keys() and all(torch.equal(v, self._z[k]) for k, v in z.items())
         ):
             # not the state this kernel returned last: the cached gradient does not apply
@@ -825,6 +832,7 @@ class SGLD(MCMCKernel):
                         f"max_rejections={self.max_rejections})"
                     )
         self._z = z
+        self._returned = out = dict(z)  # a fresh dict: the caller may modify it
         self._last_diverging = diverging
         self._draw += 1
         if self._draw == self._warmup_steps and getattr(pre, "freeze_after_warmup", False):
@@ -839,7 +847,7 @@ class SGLD(MCMCKernel):
             st["diverging"].append(diverging)
         elif diverging:
             self._warmup_divergences += 1
-        return z
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
