@@ -30,7 +30,7 @@ from pyro.poutine import trace
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor, nn
-from torch.distributions import biject_to
+from torch.distributions import Independent, Normal, biject_to
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 
 from pyro_bnp.preconditioners import Identity, LayerRef, Preconditioner, RMSprop
@@ -126,8 +126,44 @@ class _LogJoint(_Plates):
     def _pyro_post_sample(self, msg: Any) -> None:
         if isinstance(msg["fn"], _Subsample) or msg["infer"].get("_deterministic"):
             return
+        if msg["name"] in self.values and msg["mask"] is None and msg["scale"] == 1.0:
+            fast = _iid_normal_log_prob_sum(msg["fn"], msg["value"])
+            if fast is not None:
+                self.total = self.total + fast
+                return
         log_prob = msg["fn"].log_prob(msg["value"])
         self.total = self.total + scale_and_mask(log_prob, msg["scale"], msg["mask"]).sum()
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_NORMAL_LOG_PROB = Normal.log_prob  # subclasses that override log_prob take the slow path
+
+
+def _iid_normal_log_prob_sum(fn: Any, value: Tensor) -> Tensor | None:
+    """``fn.log_prob(value).sum()`` in one pass when ``fn`` is an i.i.d. Normal, else None.
+
+    The usual prior of network weights, ``Normal(loc, scale).expand(shape).to_event(k)`` with a
+    scalar ``loc`` and ``scale`` (stride-0 views), costs five elementwise passes and their
+    backward in ``Normal.log_prob``; the sum of squares is one. ``loc`` and ``scale`` keep
+    their autograd graph (hierarchical priors work).
+    """
+    base = fn
+    while isinstance(base, Independent):
+        base = base.base_dist
+    if not isinstance(base, Normal) or type(base).log_prob is not _NORMAL_LOG_PROB:
+        return None
+    loc, scale = base.loc, base.scale
+    if loc.shape != value.shape or scale.shape != value.shape or not value.is_contiguous():
+        return None
+    if any(loc.stride()) or any(scale.stride()):  # not a single value broadcast
+        return None
+    n = value.numel()
+    if n == 0:
+        return None
+    loc0, scale0 = loc.reshape(-1)[0], scale.reshape(-1)[0]
+    flat = value.reshape(-1)
+    diff = flat if (not loc0.requires_grad and float(loc0) == 0.0) else flat - loc0
+    return -0.5 * torch.dot(diff, diff) / scale0.square() - n * (scale0.log() + _HALF_LOG_2PI)
 
 
 def _local_latent_error(site: str, plate: str) -> ValueError:
@@ -138,13 +174,14 @@ def _local_latent_error(site: str, plate: str) -> ValueError:
     )
 
 
-def _all_finite(values: Mapping[str, Tensor]) -> bool:
-    """Whether every entry is finite: one sum per tensor (cheaper than ``isfinite().all()``).
-
-    A NaN or infinity makes the sum non-finite; so does an overflowing sum of finite entries
-    (|x| near 1e308), which is treated as non-finite too.
-    """
-    return math.isfinite(sum(float(v.sum()) for v in values.values()))
+def _norm(values: Mapping[str, Tensor]) -> float:
+    """Euclidean norm over all tensors, one pass each (inf or nan if any entry is not finite)."""
+    out = math.hypot(*(float(torch.linalg.vector_norm(v)) for v in values.values()))
+    if math.isinf(out) and all(bool(torch.isfinite(v).all()) for v in values.values()):
+        # finite entries whose squares overflow: rescale (rare, so the extra passes are fine)
+        big = max(float(v.abs().max()) for v in values.values())
+        out = big * math.hypot(*(float(torch.linalg.vector_norm(v / big)) for v in values.values()))
+    return out
 
 
 def _max_abs(values: Mapping[str, Tensor]) -> float:
@@ -417,6 +454,7 @@ class SGLD(MCMCKernel):
         self._draw = 0  # calls to sample()
         self._lp = math.nan
         self._grads: dict[str, Tensor] = {}
+        self._gnorm = math.nan
         self._z: dict[str, Tensor] = {}  # the state the cached lp / gradient belong to
         self._eps = math.nan
         self._rejected_in_row = 0
@@ -639,6 +677,7 @@ class SGLD(MCMCKernel):
         if resume is not None and resume["started"]:
             self._lp = float(resume["lp"])
             self._grads = {k: v.clone() for k, v in resume["grads"].items()}
+            self._gnorm = _norm(self._grads)
             self._z = z
         else:
             self._evaluate_at(
@@ -655,9 +694,10 @@ class SGLD(MCMCKernel):
     def _evaluate_at(self, z: dict[str, Tensor], what: str) -> None:
         """Evaluate the state ``z`` the chain is asked to continue from; it must be finite."""
         lp, grads = self._evaluate(z)
-        if not (math.isfinite(lp) and _all_finite(grads)):
+        gnorm = _norm(grads)
+        if not (math.isfinite(lp) and math.isfinite(gnorm)):
             raise ValueError(f"the log density or its gradient {what} (lp={lp})")
-        self._lp, self._grads, self._z = lp, grads, z
+        self._lp, self._grads, self._z, self._gnorm = lp, grads, z, gnorm
 
     def _check_state(self, z: dict[str, Tensor]) -> None:
         expected = self._initial_params or {}
@@ -800,7 +840,7 @@ class SGLD(MCMCKernel):
             pre.update(self._grads)
             z_new = pre.step(z, self._grads, eps, self.temperature, self._rng)
             self._t += 1
-            lp, grads = math.nan, self._grads
+            lp, grads, gnorm = math.nan, self._grads, self._gnorm
             largest = _max_abs(z_new)
             finite = math.isfinite(largest)
             if finite and largest > self.max_abs_param:
@@ -817,9 +857,10 @@ class SGLD(MCMCKernel):
                         lp, grads = self._evaluate(z_new)
                 else:
                     lp, grads = self._evaluate(z_new)
-                finite = math.isfinite(lp) and _all_finite(grads)
+                gnorm = _norm(grads)  # one pass: finiteness check and the recorded norm
+                finite = math.isfinite(lp) and math.isfinite(gnorm)
             if finite:
-                z, self._lp, self._grads = z_new, lp, grads
+                z, self._lp, self._grads, self._gnorm = z_new, lp, grads, gnorm
                 self._rejected_in_row = 0
             else:
                 diverging = True
@@ -841,9 +882,7 @@ class SGLD(MCMCKernel):
             st = self._stats
             st["lp"].append(self._lp)
             st["step_size"].append(self._eps)
-            st["grad_norm"].append(
-                math.sqrt(sum(float(g.square().sum()) for g in self._grads.values()))
-            )
+            st["grad_norm"].append(self._gnorm)
             st["diverging"].append(diverging)
         elif diverging:
             self._warmup_divergences += 1
@@ -932,7 +971,7 @@ class SGLD(MCMCKernel):
         ``lp``, ``step_size``, ``grad_norm``, ``diverging`` and ``warmup`` (True during warmup).
         """
         warmup = self._draw <= self._warmup_steps
-        grad_norm = math.sqrt(sum(float(g.square().sum()) for g in self._grads.values()))
+        grad_norm = self._gnorm
         return {
             "lp": self._lp,
             "step_size": self._eps,

@@ -176,12 +176,12 @@ class Preconditioner:
             noise = self.noise(xi)
             scale = math.sqrt(step_size * temperature)
             return {
-                k: (v - half * drift[k]).add_(noise[k].mul_(scale))
+                k: torch.add(v, drift[k], alpha=-half).add_(noise[k].mul_(scale))
                 if scale < _TINY  # alpha= must be representable in float32
-                else (v - half * drift[k]).add_(noise[k], alpha=scale)
+                else torch.add(v, drift[k], alpha=-half).add_(noise[k], alpha=scale)
                 for k, v in params.items()
             }
-        return {k: v - half * drift[k] for k, v in params.items()}
+        return {k: torch.add(v, drift[k], alpha=-half) for k, v in params.items()}
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

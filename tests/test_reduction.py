@@ -2,9 +2,9 @@
 
 Bit-for-bit reference: ``z <- z - eps/2 grad U(z) + sqrt(eps) xi`` with ``xi`` drawn site by
 site in sorted name order from a ``torch.Generator`` seeded with the chain's seed. One
-arithmetic detail must be mirrored to get the same bits: the kernel adds the noise with
-``torch.add(a, xi, alpha=sqrt(eps))``, which on CPU is a fused multiply-add (one rounding for
-``a + sqrt(eps) * xi`` instead of two). The reference uses the same call; the literal
+arithmetic detail must be mirrored to get the same bits: the kernel adds drift and noise with
+``torch.add(z, g, alpha=-eps/2)`` and ``torch.add(a, xi, alpha=sqrt(eps))``, which on CPU are fused
+multiply-adds (one rounding instead of two). The reference uses the same calls; the literal
 two-rounding formula is checked to agree to a few ulps. The gradient needs no such care: the
 reference computes ``grad U`` with autograd on its own hand-written log density, summed in a
 different order from the kernel's messenger, and the bits agree.
@@ -64,7 +64,8 @@ def plain_sgld(z0: Params, grad_u, eps: float, seed: int, num_steps: int, fused:
         for k in sorted(z):
             xi = torch.randn(z[k].shape, generator=g, dtype=z[k].dtype)
             if fused:
-                new[k] = torch.add(z[k] - eps / 2 * grad[k], xi, alpha=math.sqrt(eps))
+                drift = torch.add(z[k], grad[k], alpha=-eps / 2)
+                new[k] = torch.add(drift, xi, alpha=math.sqrt(eps))
             else:
                 new[k] = z[k] - eps / 2 * grad[k] + math.sqrt(eps) * xi
         z = new
@@ -156,7 +157,7 @@ def test_zero_temperature_is_gradient_step(seed, preconditioner):
     n = x.shape[0]
     for k in z0:
         if preconditioner == "identity":
-            assert torch.equal(z1[k], z0[k] - eps / 2 * g[k]), k
+            assert torch.equal(z1[k], torch.add(z0[k], g[k], alpha=-eps / 2)), k
         else:  # fresh RMSprop: V = (g / N)^2, M = 1 / (sqrt(V) + 1e-5)
             m = 1.0 / ((g[k] / n).abs() + 1e-5)
             torch.testing.assert_close(z1[k], z0[k] - eps / 2 * m * g[k], rtol=1e-13, atol=0.0)
