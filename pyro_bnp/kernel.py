@@ -849,6 +849,7 @@ class SGLD(MCMCKernel):
                     f"|theta| = {largest:.3g} > max_abs_param={self.max_abs_param:g} (step size "
                     f"{eps:.3g}); try a smaller step size, e.g. {eps / 10:.3g}"
                 )
+            snapshot = self._stats_snapshot() if finite else None
             if finite:  # a non-finite proposal is rejected without running the model
                 # Validation off (as in Pyro's MCMC): an invalid distribution parameter
                 # makes a non-finite log density, i.e. a rejected step, not an exception.
@@ -864,6 +865,8 @@ class SGLD(MCMCKernel):
                 self._rejected_in_row = 0
             else:
                 diverging = True
+                if snapshot is not None:  # the rejected proposal's forward pass is forgotten
+                    self._stats_restore(snapshot)
                 self._rejected_in_row += 1
                 if self._rejected_in_row >= self.max_rejections:
                     raise RuntimeError(
@@ -887,6 +890,23 @@ class SGLD(MCMCKernel):
         elif diverging:
             self._warmup_divergences += 1
         return out
+
+    _STAT_FIELDS = ("mean", "var", "batch_size", "spatial_size", "num_batches", "num_skipped")
+
+    def _stats_snapshot(self) -> list[tuple[Any, ...]] | None:
+        """Return references to the layer statistics (``observe`` replaces, never mutates)."""
+        if not self._layers:
+            return None
+        return [
+            tuple(getattr(layer.stats, f, None) for f in self._STAT_FIELDS)
+            for layer in self._layers
+        ]
+
+    def _stats_restore(self, snapshot: list[tuple[Any, ...]]) -> None:
+        for layer, values in zip(self._layers, snapshot, strict=True):
+            for field, value in zip(self._STAT_FIELDS, values, strict=True):
+                if value is not None:
+                    setattr(layer.stats, field, value)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -199,3 +199,33 @@ def test_state_dict_rejects_a_foreign_state():
     k2.load_state_dict(state)
     with pytest.raises(ValueError, match="saved chain has sites"):
         k2.setup(0, x, y)
+
+
+def test_rejected_proposal_leaves_layer_statistics_unchanged():
+    """BNP statistics only ever see the forward passes of accepted states."""
+    x, y = data(100)
+    pyro.set_rng_seed(4)
+    kernel = make_kernel()
+    kernel.setup(0, x, y)
+    params = kernel.sample(kernel.initial_params)
+    before = {
+        layer.name: (layer.stats.mean.clone(), layer.stats.var.clone(), layer.stats.num_batches)
+        for layer in kernel._layers
+    }
+    real = kernel._evaluate
+
+    def evaluate_then_fail(z):
+        lp, grads = real(z)  # the hooks observe this forward pass
+        return float("nan"), grads
+
+    kernel._evaluate = evaluate_then_fail  # type: ignore[method-assign]
+    same = kernel.sample(params)
+    assert all(torch.equal(same[k], params[k]) for k in params)
+    assert kernel.last_draw_stats()["diverging"]
+    for layer in kernel._layers:
+        mean, var, count = before[layer.name]
+        assert torch.equal(layer.stats.mean, mean) and torch.equal(layer.stats.var, var)
+        assert layer.stats.num_batches == count
+    kernel._evaluate = real  # type: ignore[method-assign]
+    kernel.sample(same)
+    assert all(layer.stats.num_batches == before[layer.name][2] + 2 for layer in kernel._layers)
