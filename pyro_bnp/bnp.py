@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyro_bnp.preconditioners import LayerRef, Params, Preconditioner, RMSprop
+from pyro_bnp.preconditioners import (
+    LayerRef,
+    Params,
+    Preconditioner,
+    RMSprop,
+    standard_normal_like,
+)
 
 __all__ = ["BNP", "balance_factor", "floored_variance"]
 
@@ -423,15 +429,7 @@ class BNP(Preconditioner):
         rms = self.rmsprop
         dz = gz if rms is None else rms.drift(gz)
         if temperature > 0:
-            xi = {
-                k: torch.randn(
-                    params[k].shape,
-                    generator=generator,
-                    dtype=params[k].dtype,
-                    device=params[k].device,
-                )
-                for k in sorted(params)
-            }
+            xi = standard_normal_like(params, generator)
             nz = xi if rms is None else rms.noise(xi)  # fresh tensors: updated in place
             scale = math.sqrt(step_size * temperature)
             if half < 1e30 * scale:

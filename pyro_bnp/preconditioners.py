@@ -36,7 +36,23 @@ __all__ = [
     "Params",
     "Preconditioner",
     "RMSprop",
+    "standard_normal_like",
 ]
+
+
+def standard_normal_like(
+    params: Mapping[str, Tensor], generator: torch.Generator | None = None
+) -> Params:
+    """Draw ``xi ~ N(0, I)`` shaped like ``params``, site by site in sorted name order.
+
+    The order is part of the contract: it makes a chain reproducible from its generator.
+    """
+    return {
+        k: torch.randn(
+            params[k].shape, generator=generator, dtype=params[k].dtype, device=params[k].device
+        )
+        for k in sorted(params)
+    }
 
 
 class InputStatistics(Protocol):
@@ -164,15 +180,7 @@ class Preconditioner:
         drift = self.drift(grads)
         half = 0.5 * step_size
         if temperature > 0:
-            xi = {
-                k: torch.randn(
-                    params[k].shape,
-                    generator=generator,
-                    dtype=params[k].dtype,
-                    device=params[k].device,
-                )
-                for k in sorted(params)
-            }
+            xi = standard_normal_like(params, generator)
             noise = self.noise(xi)
             scale = math.sqrt(step_size * temperature)
             return {
