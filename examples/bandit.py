@@ -46,11 +46,13 @@ import time
 from pathlib import Path
 
 import _bandit_problems as bp
+import _common
 import matplotlib
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from _common import METHODS
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 from tqdm import tqdm
@@ -60,7 +62,7 @@ import pyro_bnp
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-POLICIES = ["uniform", "greedy", "identity", "rmsprop", "bnp", "bnp+rmsprop"]
+POLICIES = ["uniform", "greedy", *METHODS]
 SAMPLERS = {  # policy -> (preconditioner, temperature)
     "greedy": ("rmsprop", 0.0),
     "identity": ("identity", 1.0),
@@ -93,14 +95,7 @@ LR = {
         "bnp+rmsprop": 3e-3,
     },
 }
-COLORS = {
-    "uniform": "0.6",
-    "greedy": "k",
-    "identity": "C0",
-    "rmsprop": "C1",
-    "bnp": "C2",
-    "bnp+rmsprop": "C3",
-}
+COLORS = {"uniform": "0.6", "greedy": "k", **_common.COLORS}
 
 
 class RewardNet(PyroModule):

@@ -36,6 +36,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from _common import METHODS
 from bnn import BNN
 from pyro.infer import MCMC
 from pyro.nn import PyroModule, PyroSample
@@ -47,7 +48,6 @@ import pyro_bnp
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METHODS = ["identity", "rmsprop", "bnp", "bnp+rmsprop"]
 SCALES = np.logspace(math.log10(0.3), math.log10(3.0), 5).tolist()
 MEANS = [1.0, -2.0, 3.0, -4.0, 5.0]
 N_TRAIN, N_TEST, BATCH = 2000, 1000, 100

@@ -54,6 +54,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from _common import COLORS, LABELS, METHODS
 from PIL import Image
 from pyro import poutine
 from pyro.nn import PyroModule, PyroSample
@@ -78,13 +79,6 @@ CLASSES = [
     "ship",
     "truck",
 ]
-METHODS = ["identity", "rmsprop", "bnp", "bnp+rmsprop"]
-LABELS = {
-    "identity": "SGLD",
-    "rmsprop": "pSGLD",
-    "bnp": "BNP-SGLD",
-    "bnp+rmsprop": "BNP+RMSprop",
-}
 # Step-size grids (our eps = variance of the injected noise, drift (eps/2) grad U_hat with U_hat
 # the sum over all N training images), 5x apart, the same for a method with and without BNP.
 # BNP divides the conv steps by q^2 s^2 (q^2 = sqrt(H W) = 8..32 here) but multiplies the
@@ -448,11 +442,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     epochs = results["config"]["epochs"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     x = np.arange(1, epochs + 1)
-    colors = dict(zip(METHODS, ["C0", "C1", "C2", "C3"], strict=True))
-    curves = [(LABELS[m], colors[m], "o-", results["runs"][m]) for m in METHODS]
+    curves = [(LABELS[m], COLORS[m], "o-", results["runs"][m]) for m in METHODS]
     for name, runs in results.get("extra_runs", {}).items():
         method, eps = name.split("@")
-        curves.append((f"{LABELS[method]} eps={eps}", colors[method], "s--", runs))
+        curves.append((f"{LABELS[method]} eps={eps}", COLORS[method], "s--", runs))
     for label, color, style, runs in curves:
         for ax, key in zip(axes, ["accuracy", "nll", "ece"], strict=True):
             m, s = summarise(runs, key, epochs)

@@ -51,11 +51,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import _common
 import early_convergence as ec
 import matplotlib
 import numpy as np
 import pyro
 import torch
+from _common import METHODS
 from bnn import BNN
 from early_convergence import LinReg, exact_posterior
 from pyro.infer import MCMC
@@ -67,22 +69,9 @@ from pyro_bnp.diagnostics import ConditionRecorder, LayerDerivatives
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METHODS = ["identity", "rmsprop", "bnp", "bnp+rmsprop"]
-LABELS = {
-    "identity": "SGLD",
-    "rmsprop": "pSGLD",
-    "bnp": "BNP-SGLD",
-    "bnp+rmsprop": "BNP+RMSprop",
-    "bnp_eps1_0": "BNP-SGLD, eps1=0",
-}
-COLORS = {
-    "identity": "C0",
-    "rmsprop": "C1",
-    "bnp": "C2",
-    "bnp+rmsprop": "C3",
-    "bnp_eps1_0": "C4",
-}
 EXTRA = "bnp_eps1_0"  # BNP-SGLD with eps1 = 0, run on the severe linear model only
+LABELS = {**_common.LABELS, EXTRA: "BNP-SGLD, eps1=0"}
+COLORS = {**_common.COLORS, EXTRA: "C4"}
 SETTINGS = {
     "moderate": np.logspace(math.log10(0.3), math.log10(3.0), 5).tolist(),
     "severe": np.logspace(-2.0, 2.0, 5).tolist(),

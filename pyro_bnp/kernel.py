@@ -14,7 +14,7 @@ import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro
 import torch
@@ -26,6 +26,7 @@ from pyro.infer.autoguide.initialization import (
     init_to_sample,
 )
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from pyro.nn import PyroModule
 from pyro.poutine import trace
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
@@ -111,13 +112,22 @@ class _LogJoint(_Plates):
 
     check_local = False  # done once at set-up
 
-    def __init__(self, values: Mapping[str, Tensor], indices: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self,
+        values: Mapping[str, Tensor],
+        indices: Mapping[str, Tensor],
+        cached: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(indices)
         self.values = values
         self.total: Tensor | float = 0.0
+        self.cached = cached or {}  # sites the module cache should have answered
+        self.bypassed: str | None = None
 
     def _pyro_sample(self, msg: Any) -> None:
         super()._pyro_sample(msg)
+        if msg["name"] in self.cached:  # the cache did not answer: the caller falls back
+            self.bypassed = msg["name"]
         value = self.values.get(msg["name"])
         if value is not None and not msg["is_observed"]:
             msg["value"] = value
@@ -126,8 +136,9 @@ class _LogJoint(_Plates):
     def _pyro_post_sample(self, msg: Any) -> None:
         if isinstance(msg["fn"], _Subsample) or msg["infer"].get("_deterministic"):
             return
-        if msg["name"] in self.values and msg["mask"] is None and msg["scale"] == 1.0:
-            fast = _iid_normal_log_prob_sum(msg["fn"], msg["value"])
+        scale = msg["scale"]
+        if msg["mask"] is None and isinstance(scale, numbers.Real):
+            fast = _iid_normal_log_prob_sum(msg["fn"], msg["value"], float(scale))
             if fast is not None:
                 self.total = self.total + fast
                 return
@@ -139,13 +150,15 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _NORMAL_LOG_PROB = Normal.log_prob  # subclasses that override log_prob take the slow path
 
 
-def _iid_normal_log_prob_sum(fn: Any, value: Tensor) -> Tensor | None:
-    """``fn.log_prob(value).sum()`` in one pass when ``fn`` is an i.i.d. Normal, else None.
+def _iid_normal_log_prob_sum(fn: Any, value: Tensor, factor: float = 1.0) -> Tensor | None:
+    """``factor * fn.log_prob(value).sum()`` by one difference and one dot product, else None.
 
-    The usual prior of network weights, ``Normal(loc, scale).expand(shape).to_event(k)`` with a
-    scalar ``loc`` and ``scale`` (stride-0 views), costs five elementwise passes and their
-    backward in ``Normal.log_prob``; the sum of squares is one. ``loc`` and ``scale`` keep
-    their autograd graph (hierarchical priors work).
+    For a Normal (possibly ``.expand(...).to_event(k)``) whose ``scale`` is one value
+    broadcast (stride 0), the shape of ``value``: the usual prior of network weights (``loc``
+    one value too: no difference at all when it is a constant 0) and the usual Gaussian
+    likelihood with a fixed or latent noise scale. ``Normal.log_prob`` costs five elementwise
+    passes and their backward. ``loc`` and ``scale`` keep their autograd graph (hierarchical
+    priors and latent noise scales work).
     """
     base = fn
     while isinstance(base, Independent):
@@ -153,17 +166,98 @@ def _iid_normal_log_prob_sum(fn: Any, value: Tensor) -> Tensor | None:
     if not isinstance(base, Normal) or type(base).log_prob is not _NORMAL_LOG_PROB:
         return None
     loc, scale = base.loc, base.scale
-    if loc.shape != value.shape or scale.shape != value.shape or not value.is_contiguous():
-        return None
-    if any(loc.stride()) or any(scale.stride()):  # not a single value broadcast
+    if loc.shape != value.shape or scale.shape != value.shape or any(scale.stride()):
         return None
     n = value.numel()
     if n == 0:
         return None
-    loc0, scale0 = loc.reshape(-1)[0], scale.reshape(-1)[0]
+    scale0 = scale.reshape(-1)[0]
     flat = value.reshape(-1)
-    diff = flat if (not loc0.requires_grad and float(loc0) == 0.0) else flat - loc0
-    return -0.5 * torch.dot(diff, diff) / scale0.square() - n * (scale0.log() + _HALF_LOG_2PI)
+    if any(loc.stride()):
+        diff = flat - loc.reshape(-1)
+    else:  # one value broadcast
+        loc0 = loc.reshape(-1)[0]
+        diff = flat if (not loc0.requires_grad and float(loc0) == 0.0) else flat - loc0
+    ss = torch.dot(diff, diff)
+    if not scale0.requires_grad:  # a constant: the scalar arithmetic in Python floats
+        s0 = float(scale0)
+        return ss * (-0.5 * factor / s0**2) + factor * -n * (math.log(s0) + _HALF_LOG_2PI)
+    out = -0.5 * ss / scale0.square() - n * (scale0.log() + _HALF_LOG_2PI)
+    return out if factor == 1.0 else out * factor
+
+
+def _iid_normal_constants(fn: Any, shape: torch.Size) -> tuple[float, float, float] | None:
+    """``(loc, 1 / scale^2, log-normaliser)`` of a fixed i.i.d. Normal of ``shape``, else None.
+
+    Fixed: ``loc`` and ``scale`` are single values that do not require gradients, so the log
+    density ``-0.5 (v - loc)^2 / scale^2 + const`` and its gradient are known in closed form.
+    """
+    base = fn
+    while isinstance(base, Independent):
+        base = base.base_dist
+    if not isinstance(base, Normal) or type(base).log_prob is not _NORMAL_LOG_PROB:
+        return None
+    if tuple(fn.batch_shape + fn.event_shape) != tuple(shape):
+        return None
+    loc, scale = base.loc, base.scale
+    if loc.requires_grad or scale.requires_grad or any(loc.stride()) or any(scale.stride()):
+        return None
+    n = math.prod(shape)
+    if n == 0:
+        return None
+    loc0, scale0 = float(loc.reshape(-1)[0]), float(scale.reshape(-1)[0])
+    if not (scale0 > 0.0 and math.isfinite(scale0) and math.isfinite(loc0)):
+        return None
+    return loc0, 1.0 / scale0**2, -n * (math.log(scale0) + _HALF_LOG_2PI)
+
+
+class _ModuleSite(NamedTuple):
+    """A ``PyroSample`` weight whose value the kernel hands to the module directly."""
+
+    fullname: str  # the key of PyroModule's per-call cache (the site name)
+    iid: tuple[float, float, float] | None  # _iid_normal_constants, or None: log_prob in graph
+    prior: Any  # the PyroSample's distribution
+
+
+def _module_sites(model: Any, tr: Any, latent: Iterable[str]) -> dict[str, _ModuleSite]:
+    """Find the latent sites of a PyroModule model that the cache fast path may take over.
+
+    A ``PyroSample`` attribute with a fixed distribution prior is sampled by PyroModule's
+    ``__getattr__`` only when the value is not in the module's per-call cache yet; the kernel
+    fills that cache with its values before running the model, so those sites never reach
+    Pyro's effect handlers, and adds their log prior itself. A site qualifies when, in the
+    set-up trace, it was exactly that sample statement: the same prior object, scale 1, no
+    mask, outside every plate, and its module shares the model's context. Anything else (a
+    plain-function model, priors that are callables of the module, handlers inside the model
+    that scale or mask the site) keeps the general path.
+    """
+    ctx = getattr(model, "_pyro_context", None)
+    if not isinstance(model, PyroModule) or ctx is None or not hasattr(ctx, "cache"):
+        return {}
+    priors: dict[str, Any] = {}
+    for module in model.modules():
+        samples = module.__dict__.get("_pyro_samples")
+        if not samples or module.__dict__.get("_pyro_context") is not ctx:
+            continue
+        prefix = module.__dict__.get("_pyro_name", "")
+        for attr, prior in samples.items():
+            priors[f"{prefix}.{attr}" if prefix else attr] = prior
+    out: dict[str, _ModuleSite] = {}
+    for name in latent:
+        site = tr.nodes.get(name)
+        prior = priors.get(name)
+        if (
+            site is None
+            or prior is None
+            or site["fn"] is not prior
+            or not isinstance(site["scale"], numbers.Real)
+            or site["scale"] != 1.0
+            or site["mask"] is not None
+            or site["cond_indep_stack"]
+        ):
+            continue
+        out[name] = _ModuleSite(name, _iid_normal_constants(prior, site["value"].shape), prior)
+    return out
 
 
 def _local_latent_error(site: str, plate: str) -> ValueError:
@@ -441,6 +535,7 @@ class SGLD(MCMCKernel):
         self._initial_params: dict[str, Tensor] | None = None
         self._to_constrained: dict[str, Transform] = {}
         self._identity: set[str] = set()
+        self._module_sites: dict[str, _ModuleSite] = {}  # PyroSample sites fed via the cache
         self._inject: dict[str, tuple[int, int]] = {}  # plates the kernel feeds
         self._own_plates: dict[str, tuple[int, int]] = {}  # plates the model subsamples
         self._perms: dict[str, Tensor] = {}
@@ -598,6 +693,7 @@ class SGLD(MCMCKernel):
                     f"are {sorted(z0)}"
                 )
         self._initial_params = z0
+        self._module_sites = _module_sites(self.model, tr, z0)
         self._num_data = self._count_data(tr)
         # Fresh preconditioner state as soon as the chain is set up (re-done with the layers
         # by the first sample()).
@@ -767,25 +863,73 @@ class SGLD(MCMCKernel):
                 x = t(v)
                 values[k] = x
                 logdet = logdet + t.log_abs_det_jacobian(v, x).sum()
-        joint = _LogJoint(values, self._next_indices())
+        sites = self._module_sites
+        joint = _LogJoint(values, self._next_indices(), sites)
         hooks = self._hooks
         with torch.enable_grad():
-            if hooks is not None:
-                with hooks.active(), joint:
-                    self.model(*self._args, **self._kwargs)
+            if sites:
+                # PyroSample weights: put the values in the module's per-call cache, so their
+                # sample statements never run; their log prior is added below.
+                ctx: Any = getattr(self.model, "_pyro_context")  # noqa: B009 (typed as Callable)
+                snapshot = self._stats_snapshot()
+                with ctx:
+                    for name, site in sites.items():
+                        ctx.cache[site.fullname] = values[name]
+                        if site.iid is None:
+                            logdet = logdet + site.prior.log_prob(values[name]).sum()
+                    self._run_model(joint, hooks)
+                if joint.bypassed is not None:
+                    return self._fallback(joint.bypassed, z, snapshot)
             else:
-                with joint:
-                    self.model(*self._args, **self._kwargs)
+                self._run_model(joint, hooks)
             lp = joint.total + logdet
-            if not isinstance(lp, Tensor):
-                raise ValueError("the model's log density does not depend on its latent sites")
             names = list(leaves)
-            grads = torch.autograd.grad(-lp, [leaves[k] for k in names], allow_unused=True)
+            grads: tuple[Tensor | None, ...]
+            if isinstance(lp, Tensor):
+                grads = torch.autograd.grad(-lp, [leaves[k] for k in names], allow_unused=True)
+            elif sites:  # nothing but closed-form priors
+                lp, grads = torch.zeros(()), (None,) * len(names)
+            else:
+                raise ValueError("the model's log density does not depend on its latent sites")
         out = {
             k: torch.zeros_like(leaves[k]) if g is None else g
             for k, g in zip(names, grads, strict=True)
         }
-        return float(lp.detach()), out
+        lp = lp.detach()
+        for name, site in sites.items():
+            if site.iid is None:
+                continue
+            # i.i.d. Normal prior in closed form: log p = -(v - loc)^2 / (2 s^2) + const,
+            # -grad log p = (v - loc) / s^2 (out of place: autograd may share gradient buffers)
+            loc, inv_var, const = site.iid
+            v = z[name].detach()
+            d = v if loc == 0.0 else v - loc
+            lp = lp + (const - 0.5 * inv_var * float(torch.dot(d.reshape(-1), d.reshape(-1))))
+            out[name] = torch.add(out[name], d, alpha=inv_var)
+        return float(lp), out
+
+    def _run_model(self, joint: _LogJoint, hooks: Any) -> None:
+        if hooks is not None:
+            with hooks.active(), joint:
+                self.model(*self._args, **self._kwargs)
+        else:
+            with joint:
+                self.model(*self._args, **self._kwargs)
+
+    def _fallback(
+        self, site: str, z: Mapping[str, Tensor], snapshot: list[tuple[Any, ...]] | None
+    ) -> tuple[float, dict[str, Tensor]]:
+        """Evaluate through Pyro's handlers: a cached site reached ``pyro.sample`` after all."""
+        warnings.warn(
+            f"SGLD: site {site!r} did not come from the PyroModule cache as at set-up; "
+            "using the general (slower) path from now on",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        self._module_sites = {}
+        if snapshot is not None:  # forget the layer statistics of the discarded run
+            self._stats_restore(snapshot)
+        return self._evaluate(z)
 
     def _step_size_at(self, t: int) -> float:
         if not callable(self.step_size):
@@ -841,7 +985,10 @@ class SGLD(MCMCKernel):
             z_new = pre.step(z, self._grads, eps, self.temperature, self._rng)
             self._t += 1
             lp, grads, gnorm = math.nan, self._grads, self._gnorm
-            largest = _max_abs(z_new)
+            # |theta|_inf <= |theta|_2: the cheap norms settle the usual case in one pass each
+            largest = max(float(torch.linalg.vector_norm(v)) for v in z_new.values())
+            if not largest <= self.max_abs_param:  # large, or not finite: look exactly
+                largest = _max_abs(z_new)
             finite = math.isfinite(largest)
             if finite and largest > self.max_abs_param:
                 raise RuntimeError(

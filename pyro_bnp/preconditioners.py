@@ -161,7 +161,11 @@ class Preconditioner:
         return dict(grads)
 
     def noise(self, xi: Mapping[str, Tensor]) -> Params:
-        """Return ``A xi`` for standard normal ``xi``; ``Cov(A xi) = M``."""
+        """Return ``A xi`` for standard normal ``xi``; ``Cov(A xi) = M``.
+
+        The returned tensors must be ``xi``'s own or new ones (never state): :meth:`step`
+        writes the new position into them.
+        """
         return dict(xi)
 
     def step(
@@ -172,7 +176,7 @@ class Preconditioner:
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Params:
-        """One SGLD move ``theta - (eps/2) M g + sqrt(eps T) A xi`` (new tensors).
+        """One SGLD move ``(theta + sqrt(eps T) A xi) - (eps/2) M g`` (new tensors).
 
         The noise ``xi`` is drawn site by site in sorted name order from ``generator``
         (``torch.randn``); with ``temperature == 0`` no noise is drawn at all.
@@ -181,14 +185,17 @@ class Preconditioner:
         half = 0.5 * step_size
         if temperature > 0:
             xi = standard_normal_like(params, generator)
-            noise = self.noise(xi)
+            noise = self.noise(xi)  # fresh tensors: the new state is written into them
             scale = math.sqrt(step_size * temperature)
-            return {
-                k: torch.add(v, drift[k], alpha=-half).add_(noise[k].mul_(scale))
-                if scale < _TINY  # alpha= must be representable in float32
-                else torch.add(v, drift[k], alpha=-half).add_(noise[k], alpha=scale)
-                for k, v in params.items()
-            }
+            out = {}
+            for k, v in params.items():
+                a = noise[k]
+                if scale < _TINY:  # alpha= must be representable in float32
+                    a.mul_(scale).add_(v)
+                else:
+                    torch.add(v, a, alpha=scale, out=a)
+                out[k] = a.add_(drift[k], alpha=-half)
+            return out
         return {k: torch.add(v, drift[k], alpha=-half) for k, v in params.items()}
 
     # -- state -------------------------------------------------------------------------
@@ -260,6 +267,7 @@ class RMSprop(Preconditioner):
         self.eps = float(eps)
         self.v: Params = {}
         self._g: Params = {}
+        self._sqrt_g: Params | None = None
 
     def init(
         self,
@@ -272,6 +280,7 @@ class RMSprop(Preconditioner):
         super().init(params, num_data=num_data, layers=layers)
         self.v = {}
         self._g = {}
+        self._sqrt_g = None
 
     def update(self, grads: Mapping[str, Tensor]) -> None:
         """Fold the current per-datum squared gradient into ``V`` and refresh ``G``."""
@@ -279,13 +288,17 @@ class RMSprop(Preconditioner):
             return
         inv_n = 1.0 / self.num_data
         for k, g in grads.items():
-            g2 = (g * inv_n).square()
+            gn = g * inv_n  # scaled before squaring: no overflow of g^2
             v = self.v.get(k)
             if v is None:
-                self.v[k] = g2
+                self.v[k] = gn.square_()
             else:
-                v.mul_(self.alpha).add_(g2, alpha=1.0 - self.alpha)
-        self._g = {k: 1.0 / (v.sqrt() + self.eps) for k, v in self.v.items()}
+                v.mul_(self.alpha).addcmul_(gn, gn, value=1.0 - self.alpha)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._g = {k: v.sqrt().add_(self.eps).reciprocal_() for k, v in self.v.items()}
+        self._sqrt_g = None  # computed when the noise first needs it
 
     def diagonal(self) -> Params:
         """Return the current diagonal ``G`` of ``M`` per site."""
@@ -297,7 +310,10 @@ class RMSprop(Preconditioner):
 
     def noise(self, xi: Mapping[str, Tensor]) -> Params:
         """Return ``sqrt(G) * xi``."""
-        return {k: x * self._g[k].sqrt() for k, x in xi.items()}
+        if self._sqrt_g is None:
+            self._sqrt_g = {k: g.sqrt() for k, g in self._g.items()}
+        root = self._sqrt_g
+        return {k: x * root[k] for k, x in xi.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Include ``V``."""
@@ -309,7 +325,7 @@ class RMSprop(Preconditioner):
         """Restore ``V`` and recompute ``G``."""
         super().load_state_dict(state)
         self.v = {k: v.clone() for k, v in state["v"].items()}
-        self._g = {k: 1.0 / (v.sqrt() + self.eps) for k, v in self.v.items()}
+        self._refresh()
 
     def config(self) -> dict[str, Any]:
         """Return ``alpha`` and ``eps``."""

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _run import METHODS, ROOT, load_example, run_example
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT / "examples"))
+POLICIES = {"uniform", "greedy", *METHODS}
 
-import _bandit_problems as bp  # noqa: E402
-
-POLICIES = ["uniform", "greedy", "identity", "rmsprop", "bnp", "bnp+rmsprop"]
+bp = load_example("_bandit_problems")
 
 
 def test_mushroom_rewards_and_regret():
@@ -78,22 +73,12 @@ def test_wheel_rewards_and_regret(delta):
 def test_quick_run(tmp_path):
     if not (DATA_DIR / "mushroom" / "agaricus.txt.train").exists():
         pytest.skip(f"mushroom data not found at {DATA_DIR}/mushroom (the shared data directory)")
-    cmd = [
-        sys.executable,
-        str(ROOT / "examples" / "bandit.py"),
-        "--quick",
-        "--out",
-        str(tmp_path),
-        "--data-dir",
-        str(DATA_DIR),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_example("bandit", "--quick", "--out", tmp_path, "--data-dir", DATA_DIR, timeout=300)
     out = json.loads((tmp_path / "results.json").read_text())
     n = out["config"]["rounds"]
     assert set(out["results"]) == {"mushroom", "wheel"}
     for problem, res in out["results"].items():
-        assert set(res) == set(POLICIES), problem
+        assert set(res) == POLICIES, problem
         for policy, s in res.items():
             curve = s["cum_regret_mean"]
             assert len(curve) == n, (problem, policy)

@@ -2,12 +2,13 @@
 
 Bit-for-bit reference: ``z <- z - eps/2 grad U(z) + sqrt(eps) xi`` with ``xi`` drawn site by
 site in sorted name order from a ``torch.Generator`` seeded with the chain's seed. One
-arithmetic detail must be mirrored to get the same bits: the kernel adds drift and noise with
-``torch.add(z, g, alpha=-eps/2)`` and ``torch.add(a, xi, alpha=sqrt(eps))``, which on CPU are fused
-multiply-adds (one rounding instead of two). The reference uses the same calls; the literal
-two-rounding formula is checked to agree to a few ulps. The gradient needs no such care: the
+arithmetic detail must be mirrored to get the same bits: the kernel adds noise and drift with
+``a = torch.add(z, xi, alpha=sqrt(eps))`` and ``torch.add(a, g, alpha=-eps/2)``, which on
+CPU are fused multiply-adds (one rounding instead of two). The reference uses the same calls;
+the literal two-rounding formula is checked to agree to a few ulps. The gradient: the
 reference computes ``grad U`` with autograd on its own hand-written log density, summed in a
-different order from the kernel's messenger, and the bits agree.
+different order from the kernel's messenger, with the kernel's one-pass Normal log density
+(see ``normal_log_prob_sum``), and the bits agree.
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ from pyro.infer import MCMC
 from sgld_models import gaussian_target, linreg, make_linreg_data
 
 from pyro_bnp import SGLD
+from pyro_bnp.kernel import _iid_normal_log_prob_sum
+
+
+def normal_log_prob_sum(fn: dist.Distribution, value: torch.Tensor) -> torch.Tensor:
+    """``fn.log_prob(value).sum()`` for a Normal, in the kernel's own arithmetic.
+
+    The kernel sums Normal log densities with one difference and one dot product (checked
+    against ``Distribution.log_prob`` in test_fast_paths.py); the reference uses the same
+    arithmetic so that the gradient bits agree.
+    """
+    out = _iid_normal_log_prob_sum(fn, value)
+    assert out is not None
+    return out
+
 
 Params = dict[str, torch.Tensor]
 
@@ -38,9 +53,9 @@ def linreg_grad_u(z: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
     one = torch.tensor(1.0, dtype=x.dtype)
     log_joint = (
         zs  # log |d exp(zs) / d zs|
-        + dist.Normal(x @ w + b, s).log_prob(y).sum()
-        + dist.Normal(0.0 * one, one).log_prob(w).sum()
-        + dist.Normal(0.0 * one, one).log_prob(b)
+        + normal_log_prob_sum(dist.Normal(x @ w + b, s), y)
+        + normal_log_prob_sum(dist.Normal(torch.zeros_like(w), one).to_event(1), w)
+        + normal_log_prob_sum(dist.Normal(0.0 * one, one), b)
         + dist.HalfNormal(one).log_prob(s)
     )
     gw, gb, gs = torch.autograd.grad(-log_joint, [w, b, zs])
@@ -49,7 +64,9 @@ def linreg_grad_u(z: Params, x: torch.Tensor, y: torch.Tensor) -> Params:
 
 def gaussian_grad_u(z: Params, loc: torch.Tensor, scale: float) -> Params:
     theta = z["theta"].detach().requires_grad_()
-    (g,) = torch.autograd.grad(-dist.Normal(loc, scale).log_prob(theta).sum(), [theta])
+    (g,) = torch.autograd.grad(
+        -normal_log_prob_sum(dist.Normal(loc, scale).to_event(1), theta), [theta]
+    )
     return {"theta": g}
 
 
@@ -64,8 +81,8 @@ def plain_sgld(z0: Params, grad_u, eps: float, seed: int, num_steps: int, fused:
         for k in sorted(z):
             xi = torch.randn(z[k].shape, generator=g, dtype=z[k].dtype)
             if fused:
-                drift = torch.add(z[k], grad[k], alpha=-eps / 2)
-                new[k] = torch.add(drift, xi, alpha=math.sqrt(eps))
+                diffused = torch.add(z[k], xi, alpha=math.sqrt(eps))
+                new[k] = torch.add(diffused, grad[k], alpha=-eps / 2)
             else:
                 new[k] = z[k] - eps / 2 * grad[k] + math.sqrt(eps) * xi
         z = new

@@ -28,41 +28,30 @@ def _posterior(dt):
     return {k: np.asarray(v.values) for k, v in dt["posterior"].data_vars.items()}
 
 
-def test_resume_through_store_equals_uninterrupted(tmp_path):
+def _store_run(store, num_samples, seed):
+    """Seed Pyro with ``seed``, then stream a new kernel's chain on ``data()`` into ``store``.
+
+    A store that already holds a run is continued (up to ``num_samples`` draws in all).
+    """
     x, y = data()
-    pyro.set_rng_seed(1)
-    full = sample_to_store(
+    pyro.set_rng_seed(seed)
+    return sample_to_store(
         make_kernel(),
-        tmp_path / "a",
+        store,
         x,
         y,
-        num_samples=400,
+        num_samples=num_samples,
         warmup_steps=30,
         every=50,
         progress=False,
     )
-    pyro.set_rng_seed(1)
-    sample_to_store(
-        make_kernel(),
-        tmp_path / "b",
-        x,
-        y,
-        num_samples=200,
-        warmup_steps=30,
-        every=50,
-        progress=False,
-    )
-    pyro.set_rng_seed(12345)  # a different global seed at resume time
-    resumed = sample_to_store(
-        make_kernel(),
-        tmp_path / "b",
-        x,
-        y,
-        num_samples=400,
-        warmup_steps=30,
-        every=50,
-        progress=False,
-    )
+
+
+def test_resume_through_store_equals_uninterrupted(tmp_path):
+    full = _store_run(tmp_path / "a", 400, seed=1)
+    _store_run(tmp_path / "b", 200, seed=1)
+    # a different global seed at resume time
+    resumed = _store_run(tmp_path / "b", 400, seed=12345)
     a, b = _posterior(full), _posterior(resumed)
     assert a.keys() == b.keys() and a["sigma"].shape == (1, 400)
     for k in a:

@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pyro
 import pytest
 import torch
+from _run import METHODS, ROOT, load_example, run_example
 from torch import nn
 
 from pyro_bnp.layers import find_layers
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-jpeg.tar.gz"
-METHODS = {"identity", "rmsprop", "bnp", "bnp+rmsprop"}
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("resnet_example", ROOT / "examples" / "resnet.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def ex():
-    return _load_example()
+    return load_example("resnet")
 
 
 def _calibrated(confidences, n_per_group=100, num_classes=10):
@@ -106,10 +93,8 @@ def test_resnet_shapes_and_bnp_layers(ex, depth):
 
 @pytest.mark.skipif(not ARCHIVE.exists(), reason=f"CIFAR-10 archive not found at {ARCHIVE}")
 def test_resnet_quick(tmp_path):
-    cmd = [sys.executable, str(ROOT / "examples" / "resnet.py"), "--quick"]
-    cmd += ["--out", str(tmp_path), "--data-dir", str(ARCHIVE.parents[1])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    data_dir = ARCHIVE.parents[1]
+    run_example("resnet", "--quick", "--out", tmp_path, "--data-dir", data_dir, timeout=120)
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["runs"]) == METHODS
     for method, runs in results["runs"].items():

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"identity", "rmsprop", "bnp", "bnp+rmsprop"}
+from _run import METHODS, run_example
+
 CASES = {"moderate/linreg", "moderate/bnn", "severe/linreg", "severe/bnn"}
 
 
@@ -18,10 +15,7 @@ def _finite(x) -> bool:
 
 
 def test_simulation_quick(tmp_path):
-    cmd = [sys.executable, str(ROOT / "examples" / "simulation.py"), "--quick"]
-    cmd += ["--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_example("simulation", "--quick", "--out", tmp_path, timeout=180)
     results = json.loads((tmp_path / "results.json").read_text())
     settings = results["settings"]
     assert settings["quick"] and settings["budget_updates"] == 120

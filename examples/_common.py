@@ -1,0 +1,22 @@
+"""The four samplers the examples compare, with their names in plots and tables.
+
+Imported by the example scripts as ``_common`` (their own folder is on ``sys.path`` when they
+run as ``python examples/NAME.py``), as ``bandit.py`` imports ``_bandit_problems``.
+"""
+
+from __future__ import annotations
+
+# the preconditioners of pyro_bnp.SGLD: SGLD, pSGLD, BNP-SGLD and BNP + RMSprop
+METHODS = ["identity", "rmsprop", "bnp", "bnp+rmsprop"]
+LABELS = {
+    "identity": "SGLD",
+    "rmsprop": "pSGLD",
+    "bnp": "BNP-SGLD",
+    "bnp+rmsprop": "BNP+RMSprop",
+}
+COLORS = {
+    "identity": "C0",
+    "rmsprop": "C1",
+    "bnp": "C2",
+    "bnp+rmsprop": "C3",
+}
