@@ -278,6 +278,21 @@ def _norm(values: Mapping[str, Tensor]) -> float:
     return out
 
 
+def _exclusive(grads: Mapping[str, Tensor]) -> set[str]:
+    """Names of the gradients that may be updated in place.
+
+    ``torch.autograd.grad`` returns fresh tensors, except that a gradient passed through
+    unchanged (a sum, an addition) can be one expanded tensor shared by several inputs: only
+    contiguous tensors whose storage no other gradient uses qualify.
+    """
+    ptrs = [g.untyped_storage().data_ptr() for g in grads.values()]
+    return {
+        k
+        for (k, g), p in zip(grads.items(), ptrs, strict=True)
+        if g.is_contiguous() and ptrs.count(p) == 1
+    }
+
+
 def _max_abs(values: Mapping[str, Tensor]) -> float:
     """Largest absolute entry over all tensors (nan if any entry is nan): one reduction each."""
     out = 0.0
@@ -850,8 +865,13 @@ class SGLD(MCMCKernel):
             self._pos[name] = pos + b
         return out
 
-    def _evaluate(self, z: Mapping[str, Tensor]) -> tuple[float, dict[str, Tensor]]:
-        """Mini-batch log joint (unconstrained, with log-det-Jacobians) and ``grad U_hat``."""
+    def _evaluate(
+        self, z: Mapping[str, Tensor], norms: Mapping[str, float] | None = None
+    ) -> tuple[float, dict[str, Tensor]]:
+        """Mini-batch log joint (unconstrained, with log-det-Jacobians) and ``grad U_hat``.
+
+        ``norms``: the Euclidean norm of each ``z[name]``, if the caller has them.
+        """
         leaves = {k: v.detach().requires_grad_() for k, v in z.items()}
         values: dict[str, Tensor] = {}
         logdet: Tensor | float = 0.0
@@ -895,18 +915,28 @@ class SGLD(MCMCKernel):
             k: torch.zeros_like(leaves[k]) if g is None else g
             for k, g in zip(names, grads, strict=True)
         }
-        lp = lp.detach()
+        value = float(lp.detach())
+        if not sites:
+            return value, out
+        owned = _exclusive(out)
         for name, site in sites.items():
             if site.iid is None:
                 continue
             # i.i.d. Normal prior in closed form: log p = -(v - loc)^2 / (2 s^2) + const,
-            # -grad log p = (v - loc) / s^2 (out of place: autograd may share gradient buffers)
+            # -grad log p = (v - loc) / s^2
             loc, inv_var, const = site.iid
             v = z[name].detach()
             d = v if loc == 0.0 else v - loc
-            lp = lp + (const - 0.5 * inv_var * float(torch.dot(d.reshape(-1), d.reshape(-1))))
-            out[name] = torch.add(out[name], d, alpha=inv_var)
-        return float(lp), out
+            if loc == 0.0 and norms is not None and name in norms:
+                ss = norms[name] ** 2  # the caller's |v|, no extra pass
+            else:
+                ss = float(torch.dot(d.reshape(-1), d.reshape(-1)))
+            value += const - 0.5 * inv_var * ss
+            if name in owned:
+                out[name].add_(d, alpha=inv_var)
+            else:
+                out[name] = torch.add(out[name], d, alpha=inv_var)
+        return value, out
 
     def _run_model(self, joint: _LogJoint, hooks: Any) -> None:
         if hooks is not None:
@@ -986,7 +1016,8 @@ class SGLD(MCMCKernel):
             self._t += 1
             lp, grads, gnorm = math.nan, self._grads, self._gnorm
             # |theta|_inf <= |theta|_2: the cheap norms settle the usual case in one pass each
-            largest = max(float(torch.linalg.vector_norm(v)) for v in z_new.values())
+            norms = {k: float(torch.linalg.vector_norm(v)) for k, v in z_new.items()}
+            largest = max(norms.values())
             if not largest <= self.max_abs_param:  # large, or not finite: look exactly
                 largest = _max_abs(z_new)
             finite = math.isfinite(largest)
@@ -1002,9 +1033,9 @@ class SGLD(MCMCKernel):
                 # makes a non-finite log density, i.e. a rejected step, not an exception.
                 if is_validation_enabled():
                     with pyro.validation_enabled(False):
-                        lp, grads = self._evaluate(z_new)
+                        lp, grads = self._evaluate(z_new, norms)
                 else:
-                    lp, grads = self._evaluate(z_new)
+                    lp, grads = self._evaluate(z_new, norms)
                 gnorm = _norm(grads)  # one pass: finiteness check and the recorded norm
                 finite = math.isfinite(lp) and math.isfinite(gnorm)
             if finite:

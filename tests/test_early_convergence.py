@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"identity", "rmsprop", "bnp", "bnp+rmsprop"}
+from _run import METHODS, run_example
 
 
 def test_early_convergence_quick(tmp_path):
-    cmd = [sys.executable, str(ROOT / "examples" / "early_convergence.py"), "--quick"]
-    cmd += ["--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_example("early_convergence", "--quick", "--out", tmp_path, timeout=120)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["settings"]["budget_updates"] == 300
     assert set(results["problems"]) == {"linreg", "bnn"}

@@ -153,7 +153,7 @@ def test_thin_counts_evaluations_and_records_schedule(seed, schedule):
     kernel = SGLD(model, step_size=schedule, preconditioner="identity", thin=thin)
     evaluations = []
     evaluate = kernel._evaluate
-    kernel._evaluate = lambda z: evaluations.append(1) or evaluate(z)  # type: ignore[method-assign]
+    kernel._evaluate = lambda z, *a: evaluations.append(1) or evaluate(z, *a)  # type: ignore[method-assign]
     mcmc = _mcmc(kernel, num_samples=num_samples, warmup_steps=warmup)
     mcmc.run(x, y)
     assert len(evaluations) == (warmup + num_samples) * thin + 1
@@ -394,7 +394,7 @@ def test_non_finite_proposal_is_rejected_without_evaluation(seed):
     z0 = {"theta": torch.ones(2, dtype=torch.float64)}
     evaluations = []
     evaluate = kernel._evaluate
-    kernel._evaluate = lambda z: evaluations.append(1) or evaluate(z)  # type: ignore[method-assign]
+    kernel._evaluate = lambda z, *a: evaluations.append(1) or evaluate(z, *a)  # type: ignore[method-assign]
     z1 = kernel.sample(z0)
     assert torch.equal(z1["theta"], z0["theta"]) and len(evaluations) == 1  # only the start
     assert kernel.diagnostics()["diverging"] == [True]

@@ -185,3 +185,33 @@ def test_bypassed_cache_falls_back_to_the_general_path(seed):
     for k in g:
         assert torch.allclose(g[k], g_ref[k], rtol=1e-12, atol=1e-12), k
     kernel.cleanup()
+
+
+class SharedGradient(PyroModule):
+    """``w1 + w2`` feeds the likelihood: autograd hands both the same gradient tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        f64 = torch.float64
+        self.w1 = PyroSample(dist.Normal(torch.tensor(0.0, dtype=f64), 1.0).expand([3]).to_event(1))
+        self.w2 = PyroSample(dist.Normal(torch.tensor(0.0, dtype=f64), 2.0).expand([3]).to_event(1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        w = self.w1 + self.w2
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(x @ w, 0.5), obs=y)
+
+
+def test_shared_gradient_tensors_are_not_updated_in_place(seed):
+    x, y = make_bnn_data(n=20)
+    x, y = x.double(), y.double()
+    kernel = SGLD(SharedGradient(), 1e-4, preconditioner="identity")
+    kernel.setup(0, x, y)
+    assert set(kernel._module_sites) == {"w1", "w2"}
+    z = _perturbed(kernel, seed)
+    (lp_fast, g_fast), (lp_slow, g_slow) = _both_ways(kernel, z)
+    assert lp_fast == pytest.approx(lp_slow, rel=1e-12)
+    for k in g_fast:
+        assert torch.allclose(g_fast[k], g_slow[k], rtol=1e-12, atol=1e-12), k
+    # the two gradients differ only by their priors: (w1 - 0) / 1 against (w2 - 0) / 4
+    assert not torch.allclose(g_fast["w1"], g_fast["w2"])
