@@ -267,7 +267,8 @@ class RMSprop(Preconditioner):
         self.eps = float(eps)
         self.v: Params = {}
         self._g: Params = {}
-        self._sqrt_g: Params | None = None
+        self._root: Params = {}  # sqrt(G)
+        self._scratch: Params = {}  # per-datum gradient buffers
 
     def init(
         self,
@@ -279,8 +280,7 @@ class RMSprop(Preconditioner):
         """Reset ``V`` (it is set from the first gradient)."""
         super().init(params, num_data=num_data, layers=layers)
         self.v = {}
-        self._g = {}
-        self._sqrt_g = None
+        self._g, self._root, self._scratch = {}, {}, {}
 
     def update(self, grads: Mapping[str, Tensor]) -> None:
         """Fold the current per-datum squared gradient into ``V`` and refresh ``G``."""
@@ -288,20 +288,29 @@ class RMSprop(Preconditioner):
             return
         inv_n = 1.0 / self.num_data
         for k, g in grads.items():
-            gn = g * inv_n  # scaled before squaring: no overflow of g^2
             v = self.v.get(k)
             if v is None:
-                self.v[k] = gn.square_()
-            else:
-                v.mul_(self.alpha).addcmul_(gn, gn, value=1.0 - self.alpha)
+                self.v[k] = (g * inv_n).square_()
+                continue
+            gn = self._scratch.get(k)
+            if gn is None:
+                gn = self._scratch[k] = torch.empty_like(g)
+            torch.mul(g, inv_n, out=gn)  # scaled before squaring: no overflow of g^2
+            v.mul_(self.alpha).addcmul_(gn, gn, value=1.0 - self.alpha)
         self._refresh()
 
     def _refresh(self) -> None:
-        self._g = {k: v.sqrt().add_(self.eps).reciprocal_() for k, v in self.v.items()}
-        self._sqrt_g = None  # computed when the noise first needs it
+        """``G = 1 / (lambda + sqrt(V))`` and ``sqrt(G)``, into buffers kept between steps."""
+        for k, v in self.v.items():
+            g = self._g.get(k)
+            if g is None or g.shape != v.shape:
+                g = self._g[k] = torch.empty_like(v)
+                self._root[k] = torch.empty_like(v)
+            torch.sqrt(v, out=g).add_(self.eps).reciprocal_()
+            torch.sqrt(g, out=self._root[k])
 
     def diagonal(self) -> Params:
-        """Return the current diagonal ``G`` of ``M`` per site."""
+        """Return the current diagonal ``G`` of ``M`` per site (updated in place)."""
         return self._g
 
     def drift(self, grads: Mapping[str, Tensor]) -> Params:
@@ -310,10 +319,31 @@ class RMSprop(Preconditioner):
 
     def noise(self, xi: Mapping[str, Tensor]) -> Params:
         """Return ``sqrt(G) * xi``."""
-        if self._sqrt_g is None:
-            self._sqrt_g = {k: g.sqrt() for k, g in self._g.items()}
-        root = self._sqrt_g
-        return {k: x * root[k] for k, x in xi.items()}
+        return {k: x * self._root[k] for k, x in xi.items()}
+
+    def step(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        step_size: float,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Params:
+        """:meth:`Preconditioner.step`, fused: ``(theta + s sqrt(G) xi) - (eps/2) G g``.
+
+        Written into the fresh noise tensors, without a temporary for ``G g``.
+        """
+        scale = math.sqrt(step_size * temperature)
+        if not scale >= _TINY:  # T = 0, or alpha= not representable in float32
+            return super().step(params, grads, step_size, temperature, generator)
+        half = 0.5 * step_size
+        xi = standard_normal_like(params, generator)
+        out = {}
+        for k, v in params.items():
+            a = xi[k].mul_(self._root[k])
+            torch.add(v, a, alpha=scale, out=a)
+            out[k] = a.addcmul_(grads[k], self._g[k], value=-half)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Include ``V``."""
@@ -325,6 +355,7 @@ class RMSprop(Preconditioner):
         """Restore ``V`` and recompute ``G``."""
         super().load_state_dict(state)
         self.v = {k: v.clone() for k, v in state["v"].items()}
+        self._g, self._root = {}, {}
         self._refresh()
 
     def config(self) -> dict[str, Any]:
