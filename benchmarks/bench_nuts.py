@@ -1,24 +1,38 @@
-"""Benchmark 4: wall-clock time to a target test NLL, SGLD / pSGLD / BNP-SGLD against Pyro NUTS.
+"""Benchmark 4: time to a target test NLL, SGLD / pSGLD / BNP-SGLD / BNP+RMSprop against NUTS.
 
 BNN regression: a 5-50-1 tanh network with ``N(0, 1)`` priors and a latent ``HalfNormal(1)``
 noise scale, on ``N = 10,000`` training rows (a random 5-50-1 "teacher" network plus noise
-0.1) and 1,000 test rows. Metric: test NLL (nats per point) of the running posterior predictive
-average ``-mean_i log mean_s p(y_i | x_i, theta_s)``.
+0.1), 1,000 test rows and (for the step size scan only, :mod:`scan_nuts`) 1,000 validation rows
+from the same teacher. Every method samples the same posterior (``T = 1``, same prior, same
+likelihood, same initialisation :func:`~pyro_bnp.init_to_median_or_sample`; no optimisation
+phase). Metric: test NLL (nats per point) of the posterior predictive average
+``-mean_i log mean_s p(y_i | x_i, theta_s)`` over the draws ``s`` the method has made so far,
+minus a burn-in (below).
 
-* NUTS (Pyro, full data, ``max_tree_depth=6``, 100 warmup + 200 draws, same initialisation as
-  SGLD) runs first, with a wall-clock cap (150 s); its predictive averages its post-warmup draws.
-* The target is NUTS's final running NLL plus ``TOLERANCE`` nats (a level NUTS reaches). If
-  NUTS makes no post-warmup draw within the cap, the target falls back to the NLL of the
+* **NUTS** (Pyro, full data) runs first: ``NUTS_SETTINGS`` (max tree depth, warmup, JIT), then
+  post-warmup draws until a CPU budget (``NUTS_BUDGET_S``) is spent.
+* **Target**: NUTS's final running NLL plus ``TOLERANCE`` nats (a level NUTS itself reaches).
+  If NUTS makes no post-warmup draw within the budget, the target falls back to the NLL of the
   data-generating model plus ``FALLBACK_TOLERANCE`` and NUTS is reported as not reaching it.
-* SGLD, pSGLD and BNP-SGLD (batch 128, polynomially decaying step sizes chosen once for this
-  problem, ``thin`` 10) run until they reach the target or a cap (100 s); their predictive
-  averages the second half of their draws so far (a running burn-in).
+* **SGLD contenders** (``CONTENDERS``: preconditioner, step size schedule, batch size, thin)
+  run until they reach the target or a cap (``SGLD_CAP_S`` CPU seconds).
+* **Burn-in rule**: the predictive averages the draws after the first fraction ``burnin`` of
+  the draws so far (post-warmup draws for NUTS), e.g. 0.5 = "the second half" (a running
+  burn-in: a chain that is still converging keeps dropping its early draws).
 
-Both wall-clock and process CPU time are recorded: on a shared machine the CPU time is the
-steadier measure (one torch thread, so CPU time is at most wall time).
+Every setting above (NUTS's too) was chosen by ``benchmarks/scan_nuts.py`` with a selection
+rule fixed in advance, on a different chain seed (1) and on the validation rows, never on the
+seed (0) and test rows reported here; the scan's results are in
+``benchmarks/results/nuts_scan.json`` (see that script's docstring for the rule).
 
-Times include everything a user waits for (set-up, warmup, sampling) except the evaluation of the
-test NLL itself, which is paused out of the clock for every method.
+Times include everything a user waits for (set-up, JIT compilation, warmup, sampling) except
+the evaluation of the predictive NLL itself, which is paused out of the clock for every method.
+Both wall-clock and process CPU time are recorded; on a shared machine the CPU time is the
+steadier measure (one torch thread, so CPU time is at most wall time); caps are in CPU time.
+
+JSON: ``methods`` holds NUTS and the three contenders of the original benchmark (``sgld``,
+``psgld``, ``bnp``), ``more_methods`` the later ones (``bnp+rmsprop``); ``summary`` has a row
+for each.
 
 Run ``python benchmarks/bench_nuts.py [--quick]``.
 """
@@ -27,9 +41,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,30 +56,85 @@ from torch import Tensor, nn
 
 from pyro_bnp import SGLD, init_to_median_or_sample, schedules
 
-BATCH = 128
 TOLERANCE = 0.05
 FALLBACK_TOLERANCE = 0.1
 NOISE = 0.1
 SPEEDUP_TARGET = 10.0
-# (eps0, t0): eps_t = eps0 (1 + t / t0)^-0.55 (t0 None: constant eps0). Fixed once for this
-# problem by a short manual scan (60 s runs; constant 1.6e-5 diverged for SGLD and BNP, constant
-# 1e-6..1.6e-5 and these decays were tried). Our eps is the noise variance; RMSprop squares
-# per-datum gradients, hence its smaller eps.
-STEP_SIZES: dict[str, tuple[float, float | None]] = {
-    "sgld": (7e-6, 5000.0),
-    "psgld": (3e-6, 2000.0),
-    "bnp": (7e-6, 5000.0),
+BURNIN_FRACTIONS = (0.0, 0.5, 0.8, 0.9)  # evaluated side by side (off the clock) in the scan
+
+
+@dataclasses.dataclass(frozen=True)
+class SGLDConfig:
+    """One SGLD contender: ``eps_t = eps0 (1 + t / t0)^-gamma`` (``t0`` None: constant ``eps0``).
+
+    ``eps`` is our step size (the variance of the injected noise, drift ``eps / 2``); RMSprop
+    squares per-datum gradients, hence its smaller values.
+    """
+
+    preconditioner: str
+    eps0: float
+    t0: float | None = None
+    gamma: float = 0.55
+    batch: int = 128
+    thin: int = 10
+    burnin: float = 0.5
+
+    def step_size(self) -> Any:
+        if self.t0 is None:
+            return self.eps0
+        return schedules.polynomial(self.eps0 * self.t0**self.gamma, self.t0, self.gamma)
+
+    def label(self) -> str:
+        sched = "const" if self.t0 is None else f"poly(t0={self.t0:g},g={self.gamma:g})"
+        return (
+            f"{self.preconditioner} eps0={self.eps0:.3g} {sched} B={self.batch} thin={self.thin}"
+            f" burnin={self.burnin:g}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class NUTSConfig:
+    """NUTS settings (Pyro's defaults otherwise: diagonal mass matrix, target accept 0.8)."""
+
+    max_tree_depth: int = 6
+    warmup: int = 100
+    jit: bool = False
+    burnin: float = 0.0  # of the post-warmup draws
+
+    def label(self) -> str:
+        return (
+            f"nuts depth={self.max_tree_depth} warmup={self.warmup} jit={self.jit} "
+            f"burnin={self.burnin:g}"
+        )
+
+
+# Selected by scan_nuts.py (benchmarks/results/nuts_scan.json, "selected"): seed 1, validation
+# rows. On the scan no SGLD contender reached NUTS's level within 30 s, so each was picked by
+# its lowest validation NLL after 30 s CPU (pSGLD -0.33, BNP+RMSprop -0.35, SGLD +0.19, BNP
+# +0.21; NUTS -0.50 after 90 s). Larger or constant step sizes plateau at a worse NLL (step
+# size bias); plain SGLD and BNP diverge from 1.5e-5 on.
+NUTS_SETTINGS = NUTSConfig(max_tree_depth=6, warmup=100, jit=False, burnin=0.9)
+NUTS_BUDGET_S = 90.0  # CPU seconds for NUTS (warmup included); then it stops
+SGLD_CAP_S = 90.0  # CPU seconds per SGLD contender
+CONTENDERS: dict[str, SGLDConfig] = {
+    "sgld": SGLDConfig("identity", 7e-6, 5000.0, burnin=0.9),
+    "psgld": SGLDConfig("rmsprop", 3e-6, 2000.0, batch=512, burnin=0.9),
+    "bnp": SGLDConfig("bnp", 7e-6, 5000.0, burnin=0.9),
+    "bnp+rmsprop": SGLDConfig("bnp+rmsprop", 3e-6, 2000.0, burnin=0.9),
 }
-NUTS_CAP_S = 150.0
-SGLD_CAP_S = 100.0
-PRECONDITIONER = {"sgld": "identity", "psgld": "rmsprop", "bnp": "bnp"}
+ORIGINAL_METHODS = ("sgld", "psgld", "bnp")  # the JSON field "methods" (tests pin its order)
 
 
 class _Stop(Exception):
     pass
 
 
-def make_data(n_train: int, n_test: int, seed: int = 0) -> dict[str, Any]:
+def make_data(n_train: int, n_test: int, seed: int = 0, n_val: int = 0) -> dict[str, Any]:
+    """Teacher network, training and test rows; validation rows drawn after them.
+
+    The validation rows come from the same teacher but are drawn last, so the training and
+    test rows do not depend on ``n_val``.
+    """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     teacher = mlp([5, 50, 1], nn.Tanh)
@@ -75,23 +145,40 @@ def make_data(n_train: int, n_test: int, seed: int = 0) -> dict[str, Any]:
         f = teacher(x).squeeze(-1)
     y = f + NOISE * torch.randn(n_train + n_test, generator=g)
     oracle = -torch.distributions.Normal(f[n_train:], NOISE).log_prob(y[n_train:]).mean()
-    return {
+    out = {
         "x": x[:n_train],
         "y": y[:n_train],
         "x_test": x[n_train:],
         "y_test": y[n_train:],
         "oracle_nll": float(oracle),
     }
+    if n_val:
+        with torch.no_grad():
+            x_val = torch.randn(n_val, 5, generator=g)
+            f_val = teacher(x_val).squeeze(-1)
+        y_val = f_val + NOISE * torch.randn(n_val, generator=g)
+        out["x_val"], out["y_val"] = x_val, y_val
+        out["oracle_nll_val"] = float(
+            -torch.distributions.Normal(f_val, NOISE).log_prob(y_val).mean()
+        )
+    return out
 
 
 class Predictive:
-    """Running posterior predictive NLL on the test rows, from unconstrained draws."""
+    """Running posterior predictive NLL on held-out rows, from unconstrained draws."""
 
-    def __init__(self, data: Mapping[str, Tensor], net: nn.Module, transforms: Mapping[str, Any]):
-        self.x, self.y = data["x_test"], data["y_test"]
+    def __init__(
+        self,
+        data: Mapping[str, Tensor],
+        net: nn.Module,
+        transforms: Mapping[str, Any],
+        split: str = "test",
+    ) -> None:
+        self.x, self.y = data[f"x_{split}"], data[f"y_{split}"]
         self.net = copy.deepcopy(net)
         self.to_constrained = {k: t.inv for k, t in transforms.items()}
-        self.rows: list[Tensor] = []
+        self.buf = torch.empty(64, self.y.shape[0])
+        self.n = 0
         self.eval_s = 0.0  # wall time spent here (paused out of the clocks)
         self.eval_cpu = 0.0  # and CPU time
 
@@ -102,17 +189,21 @@ class Predictive:
             params = {k[len("net.") :]: v for k, v in values.items() if k.startswith("net.")}
             out = torch.func.functional_call(self.net, params, (self.x,)).squeeze(-1)
             lp = torch.distributions.Normal(out, values["sigma"]).log_prob(self.y)
-        self.rows.append(lp)
+        if self.n == self.buf.shape[0]:
+            self.buf = torch.cat([self.buf, torch.empty_like(self.buf)])
+        self.buf[self.n] = lp
+        self.n += 1
         self.eval_s += time.perf_counter() - t0
         self.eval_cpu += time.process_time() - c0
 
-    def nll(self, start: int = 0) -> float:
+    def nll(self, burnin: float, first: int = 0) -> float:
+        """NLL of the draws ``first..n`` after dropping the first ``burnin`` fraction of them."""
         t0, c0 = time.perf_counter(), time.process_time()
-        rows = self.rows[start:]
-        if not rows:
+        start = first + int(burnin * (self.n - first))
+        if start >= self.n:
             return math.nan
-        lp = torch.stack(rows)
-        value = -float((torch.logsumexp(lp, 0) - math.log(len(rows))).mean())
+        lp = self.buf[start : self.n]
+        value = -float((torch.logsumexp(lp, 0) - math.log(lp.shape[0])).mean())
         self.eval_s += time.perf_counter() - t0
         self.eval_cpu += time.process_time() - c0
         return value
@@ -135,30 +226,56 @@ class Clock:
 Trace = list[tuple[float, float, int, float]]  # (wall s, cpu s, draws, running NLL)
 
 
+def _by_burnin(pred: Predictive, fractions: Sequence[float], first: int = 0) -> dict[str, float]:
+    return {f"{f:g}": pred.nll(f, first) for f in fractions}
+
+
 def run_nuts(
-    data: Mapping[str, Any], net: nn.Module, *, warmup: int, samples: int, depth: int, cap_s: float
+    data: Mapping[str, Any],
+    net: nn.Module,
+    cfg: NUTSConfig,
+    *,
+    budget_s: float,
+    max_samples: int = 100_000,
+    seed: int = 0,
+    split: str = "test",
+    fractions: Sequence[float] = (),
 ) -> dict[str, Any]:
+    """NUTS until ``budget_s`` CPU seconds (or ``max_samples`` draws); running NLL per draw."""
     model = BayesNet(net, "gaussian", sigma=None)
-    kernel = NUTS(model, max_tree_depth=depth, init_strategy=init_to_median_or_sample)
+    kernel = NUTS(
+        model,
+        max_tree_depth=cfg.max_tree_depth,
+        init_strategy=init_to_median_or_sample,
+        jit_compile=cfg.jit,
+        ignore_jit_warnings=cfg.jit,
+    )
     trace: Trace = []
-    state: dict[str, Any] = {"pred": None, "warmup_s": math.nan}
+    by_burnin: list[dict[str, float]] = []
+    state: dict[str, Any] = {"pred": None, "warmup_s": math.nan, "warmup_cpu_s": math.nan}
+    pyro.set_rng_seed(seed)
     clock = Clock()
 
     def hook(kern: Any, params: Mapping[str, Tensor], stage: str, i: int) -> None:
         if state["pred"] is None:
-            state["pred"] = Predictive(data, net, kern.transforms)
+            state["pred"] = Predictive(data, net, kern.transforms, split)
         pred = state["pred"]
         if stage == "Sample":
-            if not pred.rows:
-                state["warmup_s"] = clock.now(pred)[0]
+            if not pred.n:
+                state["warmup_s"], state["warmup_cpu_s"] = clock.now(pred)
             pred.add(params)
-            nll = pred.nll()
-            trace.append((*clock.now(pred), len(pred.rows), nll))
-        if clock.now(pred)[0] > cap_s:
+            trace.append((*clock.now(pred), pred.n, pred.nll(cfg.burnin)))
+            if fractions:
+                by_burnin.append(_by_burnin(pred, fractions))
+        if clock.now(pred)[1] > budget_s:
             raise _Stop
 
     mcmc = MCMC(
-        kernel, num_samples=samples, warmup_steps=warmup, hook_fn=hook, disable_progbar=True
+        kernel,
+        num_samples=max_samples,
+        warmup_steps=cfg.warmup,
+        hook_fn=hook,
+        disable_progbar=True,
     )
     finished = True
     try:
@@ -166,111 +283,157 @@ def run_nuts(
     except _Stop:
         finished = False
     wall, cpu = clock.now(state["pred"])
-    return {
+    out = {
         "method": "nuts",
+        "settings": dataclasses.asdict(cfg),
+        "label": cfg.label(),
+        "seed": seed,
+        "split": split,
         "finished": finished,
         "elapsed_s": wall,
         "elapsed_cpu_s": cpu,
         "warmup_done_s": state["warmup_s"],
-        "warmup": warmup,
-        "num_samples": samples,
-        "max_tree_depth": depth,
+        "warmup_done_cpu_s": state["warmup_cpu_s"],
+        "warmup": cfg.warmup,
+        "max_tree_depth": cfg.max_tree_depth,
+        "jit_compile": cfg.jit,
+        "step_size": float(kernel.step_size),
         "draws": len(trace),
         "trace": trace,
         "final_nll": trace[-1][3] if trace else math.nan,
     }
-
-
-def step_size(name: str) -> Any:
-    eps0, t0 = STEP_SIZES[name]
-    if t0 is None:
-        return eps0
-    # eps0 (1 + t / t0)^(-0.55)
-    return schedules.polynomial(eps0 * t0**0.55, t0, 0.55)
+    if fractions:
+        out["trace_by_burnin"] = by_burnin
+    return out
 
 
 def run_sgld(
     data: Mapping[str, Any],
     net: nn.Module,
     name: str,
+    cfg: SGLDConfig,
     *,
     target: float,
     cap_s: float,
-    thin: int = 10,
     seed: int = 0,
+    split: str = "test",
+    fractions: Sequence[float] = (),
 ) -> dict[str, Any]:
+    """Run until the running NLL (``cfg.burnin``, or any of ``fractions``) reaches ``target``.
+
+    ``cap_s`` is in CPU seconds. With ``fractions`` (the scan) the run stops as soon as any of
+    them reaches the target, and the trace records the NLL for each of them.
+    """
     model = BayesNet(net, "gaussian", sigma=None)
     kernel = SGLD(
         model,
-        step_size(name),
-        subsample_size={"data": BATCH},
-        preconditioner=PRECONDITIONER[name],
-        thin=thin,
+        cfg.step_size(),
+        subsample_size={"data": cfg.batch},
+        preconditioner=cfg.preconditioner,
+        thin=cfg.thin,
     )
     pyro.set_rng_seed(seed)
     clock = Clock()
     kernel.setup(0, data["x"], data["y"])
-    pred = Predictive(data, net, kernel.transforms)
+    pred = Predictive(data, net, kernel.transforms, split)
     z = kernel.initial_params
     trace: Trace = []
+    by_burnin: list[dict[str, float]] = []
     next_eval = 10
+    error = ""
     while True:
-        z = kernel.sample(z)
+        try:
+            z = kernel.sample(z)
+        except RuntimeError as e:  # the chain diverged (too large a step size)
+            error = str(e).splitlines()[0][:200]
+            break
         pred.add(z)
-        n = len(pred.rows)
+        n = pred.n
         if n >= next_eval:
-            nll = pred.nll(n // 2)
+            nll = pred.nll(cfg.burnin)
             trace.append((*clock.now(pred), n, nll))
             next_eval = max(n + 10, int(n * 1.05))
-            if nll <= target:
+            reached = nll <= target
+            if fractions:
+                by_burnin.append(_by_burnin(pred, fractions))
+                reached = reached or min(by_burnin[-1].values()) <= target
+            if reached:
                 break
-        if clock.now(pred)[0] > cap_s:
+        if clock.now(pred)[1] > cap_s:
             break
     divergences = len(kernel.diagnostics()["divergences"])
     kernel.cleanup()
     wall, cpu = clock.now(pred)
-    return {
+    updates = pred.n * cfg.thin
+    out = {
         "method": name,
-        "preconditioner": PRECONDITIONER[name],
+        "preconditioner": cfg.preconditioner,
+        "settings": dataclasses.asdict(cfg),
+        "label": cfg.label(),
+        "seed": seed,
+        "split": split,
         "step_size": repr(kernel.step_size),
-        "thin": thin,
+        "thin": cfg.thin,
+        "batch": cfg.batch,
+        "burnin": cfg.burnin,
         "elapsed_s": wall,
         "elapsed_cpu_s": cpu,
-        "draws": n,
-        "updates": n * thin,
+        "draws": pred.n,
+        "updates": updates,
+        "epochs": updates * cfg.batch / data["x"].shape[0],
+        "updates_per_cpu_s": updates / cpu if cpu > 0 else math.nan,
         "divergences": divergences,
+        "error": error,
         "trace": trace,
         "final_nll": trace[-1][3] if trace else math.nan,
     }
+    if fractions:
+        out["trace_by_burnin"] = by_burnin
+    return out
 
 
 def first_time(trace: Trace, target: float, cpu: bool = False) -> float:
     return next((t[1] if cpu else t[0] for t in trace if t[3] <= target), math.nan)
 
 
+def first_row(trace: Trace, target: float) -> tuple[float, float, int, float] | None:
+    return next((t for t in trace if t[3] <= target), None)
+
+
 def run(quick: bool = False, threads: int = 1) -> dict[str, Any]:
     set_threads(threads)
     if quick:
-        n_train, n_test, warmup, samples, depth, nuts_cap, sgld_cap = 500, 100, 10, 10, 3, 3, 1
+        n_train, n_test, nuts_cfg = 500, 100, dataclasses.replace(NUTS_SETTINGS, warmup=10)
+        nuts_budget, sgld_cap = 2.0, 1.0
+        nuts_cfg = dataclasses.replace(nuts_cfg, max_tree_depth=3, jit=False)
     else:
-        n_train, n_test, warmup, samples, depth, nuts_cap, sgld_cap = (
-            10_000, 1_000, 100, 200, 6, NUTS_CAP_S, SGLD_CAP_S
-        )  # fmt: skip
+        n_train, n_test, nuts_cfg = 10_000, 1_000, NUTS_SETTINGS
+        nuts_budget, sgld_cap = NUTS_BUDGET_S, SGLD_CAP_S
     data = make_data(n_train, n_test)
     torch.manual_seed(1)
     net = mlp([5, 50, 1], nn.Tanh)
-    pyro.set_rng_seed(0)
-    nuts = run_nuts(data, net, warmup=warmup, samples=samples, depth=depth, cap_s=nuts_cap)
+    nuts = run_nuts(data, net, nuts_cfg, budget_s=nuts_budget, max_samples=10 if quick else 100_000)
     if nuts["trace"]:
         target = nuts["final_nll"] + TOLERANCE
         rule = f"NUTS final running NLL + {TOLERANCE}"
     else:
         target = data["oracle_nll"] + FALLBACK_TOLERANCE
         rule = f"NUTS made no post-warmup draw; oracle NLL + {FALLBACK_TOLERANCE}"
-    methods = [nuts] + [run_sgld(data, net, m, target=target, cap_s=sgld_cap) for m in STEP_SIZES]
-    for m in methods:
+    configs = dict(CONTENDERS)
+    if quick:  # tiny data: batches no larger than 128 rows
+        configs = {k: dataclasses.replace(c, batch=min(c.batch, 128)) for k, c in configs.items()}
+    contenders = [
+        run_sgld(data, net, name, cfg, target=target, cap_s=sgld_cap)
+        for name, cfg in configs.items()
+    ]
+    for m in [nuts, *contenders]:
         m["time_to_target_s"] = first_time(m["trace"], target)
         m["cpu_to_target_s"] = first_time(m["trace"], target, cpu=True)
+        row = first_row(m["trace"], target)
+        m["draws_to_target"] = row[2] if row else math.nan
+        if m is not nuts:
+            m["updates_to_target"] = row[2] * m["thin"] if row else math.nan
+            m["epochs_to_target"] = m["updates_to_target"] * m["batch"] / n_train
     nuts_t, nuts_c = nuts["time_to_target_s"], nuts["cpu_to_target_s"]
     rows = [
         {
@@ -281,13 +444,22 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, Any]:
             "status": "",
         }
     ]
-    for m in methods:
+    for m in [nuts, *contenders]:
         t, c = m["time_to_target_s"], m["cpu_to_target_s"]
         if math.isfinite(t):
             value = f"{t:.1f} s wall / {c:.1f} s CPU"
         else:
             value = f"not reached in {m['elapsed_s']:.0f} s wall / {m['elapsed_cpu_s']:.0f} s CPU"
-        value += f", final NLL {m['final_nll']:.3f} ({m['draws']} draws)"
+        if m is nuts:
+            value += (
+                f", final NLL {m['final_nll']:.3f} after {m['elapsed_cpu_s']:.0f} s CPU "
+                f"({m['draws']} draws; {nuts_cfg.label()})"
+            )
+        else:
+            if math.isfinite(t):
+                value += f" ({m['draws_to_target']} draws, {m['epochs_to_target']:.0f} epochs)"
+            else:
+                value += f", final NLL {m['final_nll']:.3f} ({m['draws']} draws)"
         tgt, st = "", ""
         if m is not nuts:
             m["speedup_over_nuts"] = _speedup(nuts_t, t)
@@ -296,16 +468,18 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, Any]:
             if math.isfinite(t) or not math.isfinite(nuts_t):
                 value += f", speed-up {sw:.2g}x wall / {sc:.2g}x CPU"
             else:  # not reached within the cap: the speed-up is below NUTS time / our cap
-                bound = nuts_t / m["elapsed_s"]
+                bound = nuts_c / m["elapsed_cpu_s"]
                 m["speedup_upper_bound"] = bound
                 value += f", speed-up < {bound:.2g}x"
             tgt = f">= {SPEEDUP_TARGET:.0f}x"
-            st = status(m["speedup_over_nuts"], SPEEDUP_TARGET, smaller_is_better=False)
+            # MET only if both the wall and the CPU speed-up reach the target
+            both = min(sw, sc) if math.isfinite(sw + sc) or math.inf in (sw, sc) else math.nan
+            st = status(both, SPEEDUP_TARGET, smaller_is_better=False)
         rows.append({"bench": "time to NLL", "case": m["method"], "value": value, "target": tgt,
                      "status": st})  # fmt: skip
     return {
         "benchmark": "nuts",
-        "description": "wall-clock time to a target test NLL, 5-50-1 BNN regression",
+        "description": "time to a target test NLL, 5-50-1 BNN regression, SGLD family vs NUTS",
         "quick": quick,
         "machine": machine_info(),
         "n_train": n_train,
@@ -313,9 +487,12 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, Any]:
         "oracle_nll": data["oracle_nll"],
         "target_nll": target,
         "target_rule": rule,
-        "nuts_cap_s": nuts_cap,
-        "sgld_cap_s": sgld_cap,
-        "methods": methods,
+        "nuts_budget_cpu_s": nuts_budget,
+        "sgld_cap_cpu_s": sgld_cap,
+        "selection": "benchmarks/scan_nuts.py -> benchmarks/results/nuts_scan.json (seed 1, "
+        "validation rows); this run: seed 0, test rows",
+        "methods": [nuts, *(m for m in contenders if m["method"] in ORIGINAL_METHODS)],
+        "more_methods": [m for m in contenders if m["method"] not in ORIGINAL_METHODS],
         "summary": rows,
     }
 
@@ -337,7 +514,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args.quick, args.threads)
     for row in result["summary"]:
-        print(f"{row['case']:<8} {row['value']:<100} {row['target']:<6} {row['status']}")
+        print(f"{row['case']:<12} {row['value']:<100} {row['target']:<6} {row['status']}")
     write_json(Path(args.out), result)
     print(f"wrote {args.out}")
 
