@@ -34,6 +34,9 @@ from pyro_bnp.preconditioners import (
 __all__ = ["BNP", "balance_factor", "floored_variance"]
 
 _STATS_INITS = ("batch", "paper")
+# Below this noise scale the fused step's scalar factors (``scale / q``) could leave float32's
+# normal range; :meth:`BNP.step` then takes the generic path.
+_MIN_FUSED_SCALE = 1e-30
 
 
 def floored_variance(var: Tensor, eps1: float, eps2: float) -> Tensor:
@@ -90,13 +93,17 @@ class _Block:
     fan_in: int
     dtype: torch.dtype
     device: torch.device
+    one: Tensor  # 0-d 1.0: ``torch.add(var, one, alpha=x)`` adds a float without wrapping it
     fresh: bool = False
     q: float = 1.0
     q2: float = 1.0
+    iq: float = 1.0  # 1 / q, folded into the scalar factors of the maps
     mu: Tensor | None = None  # [in]
     s2: Tensor | None = None  # [in]
-    a: Tensor | None = None  # 1 / (q s): dense [in], conv [G, 1, in/G, 1]
-    c: Tensor | None = None  # mu / (q s): same shape as ``a``
+    r: Tensor | None = None  # 1 / s: dense [in], conv [G, 1, in/G, 1]
+    c: Tensor | None = None  # mu / s: same shape as ``r``
+    a: Tensor | None = None  # r / q, made on demand by the generic maps
+    ca: Tensor | None = None  # c / q, made with ``a``
 
 
 class BNP(Preconditioner):
@@ -292,26 +299,38 @@ class BNP(Preconditioner):
             fan_in=cin_g * ksize,
             dtype=w.dtype,
             device=w.device,
+            one=torch.ones((), dtype=w.dtype, device=w.device),
         )
 
     def _refresh(self, block: _Block) -> None:
-        """Recompute ``q``, ``s`` and the maps' coefficients from the layer's statistics."""
+        """Recompute ``q``, ``s`` and the maps' coefficients from the layer's statistics.
+
+        Three small ops per layer: ``s^2 = var + (eps1 max(var) + eps2)`` with ``max(var)``
+        as a float (:meth:`~pyro_bnp.layers.RunningInputStats.var_max` has it from the update
+        of the statistics), ``r = 1 / s`` and ``c = mu / s``; ``1 / q`` stays a float that
+        the maps fold into their scalar factors.
+        """
         stats = block.ref.stats
         mu, var = stats.mean, stats.var
+        var_max = getattr(stats, "var_max", None)
+        vmax = float(var_max()) if callable(var_max) else None
         if mu.dtype != block.dtype or mu.device != block.device or mu.requires_grad:
             mu = mu.detach().to(dtype=block.dtype, device=block.device)
         if var.dtype != block.dtype or var.device != block.device or var.requires_grad:
             var = var.detach().to(dtype=block.dtype, device=block.device)
-        s2 = floored_variance(var, self.eps1, self.eps2)
+        if vmax is None:
+            vmax = float(var.max())
+        s2 = torch.add(var, block.one, alpha=self.eps1 * vmax + self.eps2)
         q2 = balance_factor(block.fan_in, stats.batch_size, stats.spatial_size)
         q = math.sqrt(q2)
-        a = s2.rsqrt().mul_(1.0 / q)
-        c = mu * a
+        r = s2.rsqrt()
+        c = mu * r
         if not block.dense:
             g, _, cin_g, _ = block.shape4
-            a = a.view(g, 1, cin_g, 1)
+            r = r.view(g, 1, cin_g, 1)
             c = c.view(g, 1, cin_g, 1)
-        block.mu, block.s2, block.q, block.q2, block.a, block.c = mu, s2, q, q2, a, c
+        block.mu, block.s2, block.q, block.q2, block.iq = mu, s2, q, q2, 1.0 / q
+        block.r, block.c, block.a, block.ca = r, c, None, None
         block.fresh = True
 
     def _ensure(self) -> None:
@@ -343,38 +362,58 @@ class BNP(Preconditioner):
 
     # -- the maps A^T = P^T / q and A = P / q, per layer ----------------------------------
     @staticmethod
+    def _scaled(block: _Block) -> tuple[Tensor, Tensor]:
+        """Return ``a = 1 / (q s)`` and ``c / q = mu / (q s)`` for the generic maps (cached)."""
+        if block.a is None or block.ca is None:
+            assert block.r is not None and block.c is not None
+            block.a, block.ca = block.r * block.iq, block.c * block.iq
+        return block.a, block.ca
+
+    @staticmethod
     def _to_z(block: _Block, gw: Tensor, gb: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``(P^T / q) g``: ``z_w = (g_w - g_b mu) / (q s)``, ``z_b = g_b / q``."""
-        a, c = block.a, block.c
-        assert a is not None and c is not None
+        a, c = BNP._scaled(block)
         if block.dense:
             zw = gw * a
             if gb is None:
                 return zw, None
-            return torch.addr(zw, gb, c, alpha=-1.0), gb * (1.0 / block.q)
+            return torch.addr(zw, gb, c, alpha=-1.0), gb * block.iq
         g, out_g, _, _ = block.shape4
         zw4 = gw.reshape(block.shape4) * a
         if gb is None:
             return zw4.view(block.shape), None
         zw4 = zw4 - gb.view(g, out_g, 1, 1) * c
-        return zw4.view(block.shape), gb * (1.0 / block.q)
+        return zw4.view(block.shape), gb * block.iq
 
     @staticmethod
     def _from_z(block: _Block, zw: Tensor, zb: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``(P / q) z``: ``w = z_w / (q s)``, ``b = z_b / q - sum(z_w mu / (q s))``."""
-        a, c = block.a, block.c
-        assert a is not None and c is not None
+        a, c = BNP._scaled(block)
         if block.dense:
             w = zw * a
             if zb is None:
                 return w, None
-            return w, torch.addmv(zb, zw, c, beta=1.0 / block.q, alpha=-1.0)
+            return w, torch.addmv(zb, zw, c, beta=block.iq, alpha=-1.0)
         zw4 = zw.reshape(block.shape4)
         w = (zw4 * a).view(block.shape)
         if zb is None:
             return w, None
-        b = zb * (1.0 / block.q) - (zw4 * c).sum((2, 3)).reshape(zb.shape)
+        b = zb * block.iq - (zw4 * c).sum((2, 3)).reshape(zb.shape)
         return w, b
+
+    @staticmethod
+    def _bias_dot(
+        block: _Block, b: Tensor, u4: Tensor, c: Tensor, beta: float, alpha: float
+    ) -> Tensor:
+        """Conv: ``beta b + alpha sum_{p,k} u[o, p, k] c[p]`` per output channel ``o``.
+
+        Summing over the kernel positions first keeps weight-sized temporaries out.
+        """
+        g, out_g, cin_g, _ = block.shape4
+        out = torch.baddbmm(
+            b.reshape(g, out_g, 1), u4.sum(3), c.view(g, cin_g, 1), beta=beta, alpha=alpha
+        )
+        return out.view(b.shape)
 
     def _map_all(self, values: Mapping[str, Tensor], to_z: bool) -> Params:
         out = dict(values)
@@ -425,8 +464,12 @@ class BNP(Preconditioner):
         ``temperature == 0``.
         """
         half = 0.5 * step_size
-        gz = self._to_z_all(grads)
         rms = self.rmsprop
+        if temperature > 0 and rms is None:
+            scale = math.sqrt(step_size * temperature)
+            if half < 1e30 * scale and scale > _MIN_FUSED_SCALE:
+                return self._fused_step(params, grads, half, scale, generator)
+        gz = self._to_z_all(grads)
         dz = gz if rms is None else rms.drift(gz)
         if temperature > 0:
             xi = standard_normal_like(params, generator)
@@ -443,6 +486,70 @@ class BNP(Preconditioner):
             u = {k: dz[k] for k in params}
         delta = self._from_z_all(u)
         return {k: torch.add(v, delta[k], alpha=scale) for k, v in params.items()}
+
+    def _fused_step(
+        self,
+        params: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        half: float,
+        scale: float,
+        generator: torch.Generator | None,
+    ) -> Params:
+        """:meth:`step` without RMSprop at ``T > 0``: ``theta + scale A (xi - k A^T g)``.
+
+        ``k = half / scale``. Per dense layer, with ``r = 1 / s``, ``c = mu / s`` and the
+        fresh noise ``xi`` updated in place into ``u = xi - k A^T g``:
+
+        * ``u_w = xi_w - (k/q) r g_w + (k/q) g_b c^T`` (two ``addcmul_``),
+        * ``w' = w + (scale/q) r u_w`` (``addcmul``),
+        * ``u_b = xi_b - (k/q) g_b``, ``b' = b - (scale/q) u_w c + (scale/q) u_b``.
+
+        Three passes over the weight besides drawing the noise, no weight-sized temporary but
+        the result; convolutions do the same on the ``[G, out/G, in/G, k]`` view.
+        """
+        k = half / scale
+        xi = standard_normal_like(params, generator)
+        out: Params = {}
+        for block in self._blocks.values():
+            ref = block.ref
+            wname, bname = ref.weight, ref.bias
+            if wname not in params:
+                continue
+            if not block.fresh:
+                self._refresh(block)
+            r, c = block.r, block.c
+            assert r is not None and c is not None
+            kq, sq = k * block.iq, scale * block.iq
+            uw, gw, w = xi[wname], grads[wname], params[wname]
+            gb = None if bname is None else grads[bname]
+            if block.dense:
+                uw.addcmul_(gw, r, value=-kq)
+                if gb is not None:  # (``addr_`` would build the outer product in a temporary)
+                    uw.addcmul_(gb.unsqueeze(1), c, value=kq)
+                out[wname] = torch.addcmul(w, uw, r, value=sq)
+            else:
+                g, out_g, _, _ = block.shape4
+                uw = uw.view(block.shape4)  # a fresh contiguous tensor
+                uw.addcmul_(gw.reshape(block.shape4), r, value=-kq)
+                if gb is not None:
+                    uw.addcmul_(gb.view(g, out_g, 1, 1), c, value=kq)
+                out[wname] = torch.addcmul(w.reshape(block.shape4), uw, r, value=sq).view(
+                    block.shape
+                )
+            if bname is not None and gb is not None:
+                ub = xi[bname].add_(gb, alpha=-kq)
+                b = params[bname]
+                if block.dense:
+                    nb = torch.addmv(b, uw, c, alpha=-sq)
+                else:
+                    nb = self._bias_dot(block, b, uw, c, 1.0, -sq)
+                out[bname] = nb.add_(ub, alpha=sq)
+        return {
+            name: out[name]
+            if name in out
+            else torch.add(v, xi[name].sub_(grads[name], alpha=k), alpha=scale)
+            for name, v in params.items()
+        }
 
     # -- inspection --------------------------------------------------------------------
     def dense_matrix(self, layer_name: str, neuron: int) -> Tensor:

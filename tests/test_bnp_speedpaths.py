@@ -1,0 +1,195 @@
+"""The fast paths of BNP and of the layer statistics agree with the plain formulas."""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from pyro_bnp.bnp import BNP
+from pyro_bnp.layers import RunningInputStats
+from pyro_bnp.preconditioners import LayerRef, Preconditioner
+
+DT = torch.float64
+
+# (id, layer, input shape): every layout the fused step handles
+LAYERS = [
+    ("dense", lambda: nn.Linear(4, 3), (7, 4)),
+    ("dense_nobias", lambda: nn.Linear(4, 3, bias=False), (5, 4)),
+    ("dense_n1", lambda: nn.Linear(3, 2), (1, 3)),
+    ("conv2d_g2", lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2), (3, 4, 5, 5)),
+    ("conv2d_nobias", lambda: nn.Conv2d(2, 3, (2, 3), padding=1, bias=False), (2, 2, 4, 3)),
+    ("conv1d_g2", lambda: nn.Conv1d(4, 2, 3, groups=2, stride=2), (3, 4, 6)),
+]
+
+
+def _setup(
+    make: object, input_shape: tuple[int, ...], seed: int = 0
+) -> tuple[LayerRef, dict[str, Tensor]]:
+    assert callable(make)
+    module = make().to(DT)
+    gen = torch.Generator().manual_seed(seed)
+    dense = isinstance(module, nn.Linear)
+    num_in = module.in_features if dense else module.in_channels
+    shape = (1, num_in) + (1,) * (len(input_shape) - 2)
+    scale = torch.logspace(-1, 1, num_in, dtype=DT).view(shape)
+    offset = torch.randn(num_in, generator=gen, dtype=DT).view(shape) * 3
+    stats = RunningInputStats(num_in, spatial_dims=0 if dense else len(input_shape) - 2)
+    for _ in range(3):
+        stats.observe(torch.randn(input_shape, generator=gen, dtype=DT) * scale + offset)
+    has_bias = module.bias is not None
+    ref = LayerRef(
+        name="layer",
+        kind="linear" if dense else "conv",
+        weight="layer.weight",
+        bias="layer.bias" if has_bias else None,
+        stats=stats,
+        groups=int(getattr(module, "groups", 1)),
+    )
+    params = {"layer.weight": torch.randn(module.weight.shape, generator=gen, dtype=DT)}
+    if has_bias:
+        params["layer.bias"] = torch.randn(module.bias.shape, generator=gen, dtype=DT)
+    params["other"] = torch.randn(2, generator=gen, dtype=DT)
+    return ref, params
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=[c[0] for c in LAYERS])
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 1e-70])
+def test_fused_step_matches_generic(layer: tuple, temperature: float) -> None:
+    # 1e-70: the noise scale is below the fused path's range, so the generic path runs
+    _, make, shape = layer
+    ref, params = _setup(make, shape)
+    pre = BNP()
+    pre.init(params, num_data=50.0, layers=(ref,))
+    gen = torch.Generator().manual_seed(1)
+    grads = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
+    pre.update(grads)
+    eps = 1e-3
+    fused = pre.step(params, grads, eps, temperature, torch.Generator().manual_seed(5))
+    generic = Preconditioner.step(
+        pre, params, grads, eps, temperature, torch.Generator().manual_seed(5)
+    )
+    assert list(fused) == list(params)
+    for k in params:
+        assert fused[k].shape == params[k].shape
+        torch.testing.assert_close(fused[k], generic[k], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=[c[0] for c in LAYERS])
+def test_fused_step_leaves_inputs_alone(layer: tuple) -> None:
+    _, make, shape = layer
+    ref, params = _setup(make, shape)
+    pre = BNP()
+    pre.init(params, layers=(ref,))
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    before = copy.deepcopy((params, grads))
+    pre.update(grads)
+    pre.step(params, grads, 1e-2, 1.0, torch.Generator().manual_seed(0))
+    for d, d0 in zip((params, grads), before, strict=True):
+        for k in d:
+            assert torch.equal(d[k], d0[k])
+
+
+@pytest.mark.parametrize("init", ["batch", "paper"])
+@pytest.mark.parametrize("shape", [(16, 5), (2, 3, 5), (1, 5)], ids=["2d", "3d", "one_row"])
+def test_dense_observe_matches_the_plain_average(init: str, shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(2)
+    stats = RunningInputStats(5, rho=0.9, init=init)
+    mean, var = torch.zeros(5, dtype=DT), torch.ones(5, dtype=DT)
+    for t in range(4):
+        h = torch.randn(shape, generator=gen, dtype=DT) * 2 + 1
+        rows = h.reshape(-1, 5)
+        m = rows.mean(0)
+        v = (rows - m).square().mean(0) if rows.shape[0] > 1 else (m - mean).square()
+        if t == 0 and init == "batch":
+            mean, var = m, v
+        else:
+            mean, var = 0.9 * mean + 0.1 * m, 0.9 * var + 0.1 * v
+        stats.observe(h)
+        torch.testing.assert_close(stats.mean, mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(stats.var, var, rtol=1e-12, atol=1e-14)
+        assert stats.var_max() == float(stats.var.max())
+
+
+def test_observe_replaces_and_never_tracks_gradients() -> None:
+    stats = RunningInputStats(3)
+    stats.mean = torch.zeros(3, requires_grad=True)  # odd, but must not build a graph
+    h = torch.randn(8, 3, requires_grad=True)
+    for _ in range(2):
+        mean, var = stats.mean, stats.var
+        mean0, var0 = mean.detach().clone(), var.clone()
+        with torch.enable_grad():
+            stats.observe(h * 2)
+        assert stats.mean is not mean and stats.var is not var
+        assert torch.equal(mean.detach(), mean0) and torch.equal(var, var0)
+        assert not stats.mean.requires_grad and not stats.var.requires_grad
+
+
+@pytest.mark.parametrize("spatial_dims", [0, 2])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1e300])
+def test_non_finite_batch_is_skipped(spatial_dims: int, bad: float) -> None:
+    shape = (4, 3) if spatial_dims == 0 else (4, 3, 2, 2)
+    gen = torch.Generator().manual_seed(3)
+    for init in ("batch", "paper"):
+        stats = RunningInputStats(3, init=init, spatial_dims=spatial_dims)
+        good = torch.randn(shape, generator=gen, dtype=DT)
+        stats.observe(good)
+        mean, var = stats.mean, stats.var
+        h = torch.randn(shape, generator=gen, dtype=DT)
+        h.view(-1)[5] = bad  # 1e300: finite input whose squared deviations overflow
+        stats.observe(h)
+        assert stats.num_skipped == 1 and stats.num_batches == 1
+        assert stats.mean is mean and stats.var is var
+        # the first batch of init="batch" too
+        fresh = RunningInputStats(3, init=init, spatial_dims=spatial_dims)
+        fresh.observe(h)
+        assert fresh.num_skipped == 1 and fresh.num_batches == 0
+        assert torch.equal(fresh.var, torch.ones(3)) and fresh.var_max() == 1.0
+
+
+def test_finite_batch_is_folded_into_non_finite_running_values() -> None:
+    # as before the single max check: decided on the batch, not on the running values
+    stats = RunningInputStats(2, init="paper")
+    stats.var = torch.tensor([1.0, math.nan])
+    stats.observe(torch.randn(6, 2))
+    assert stats.num_batches == 1 and stats.num_skipped == 0
+    assert math.isnan(stats.var_max())
+
+
+def test_var_max_cache_follows_the_tensor() -> None:
+    stats = RunningInputStats(4)
+    stats.observe(torch.randn(10, 4))
+    assert stats.var_max() == float(stats.var.max())
+    stats.var = torch.tensor([1.0, 5.0, 2.0, 3.0])  # replaced
+    assert stats.var_max() == 5.0
+    stats.var.mul_(2.0)  # modified in place
+    assert stats.var_max() == 10.0
+    stats.load_state_dict({**stats.state_dict(), "var": torch.tensor([7.0, 1.0, 1.0, 1.0])})
+    assert stats.var_max() == 7.0
+    stats.reset()
+    assert stats.var_max() == 1.0
+    clone = pickle.loads(pickle.dumps(stats))
+    assert clone.var_max() == 1.0
+    del clone.__dict__["_var_max"]  # an object pickled before the cache existed
+    assert clone.var_max() == 1.0
+
+
+def test_refresh_uses_current_statistics_after_replacement() -> None:
+    ref, params = _setup(LAYERS[0][1], LAYERS[0][2])
+    pre = BNP()
+    pre.init(params, layers=(ref,))
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    pre.update(grads)
+    m0 = pre.dense_matrix("layer", 0)
+    stats = ref.stats
+    snapshot = (stats.mean, stats.var)
+    stats.observe(torch.randn(7, 4, dtype=DT) * 5)
+    pre.update(grads)
+    assert not torch.allclose(pre.dense_matrix("layer", 0), m0)
+    stats.mean, stats.var = snapshot  # what the kernel does on a rejected proposal
+    pre.update(grads)
+    torch.testing.assert_close(pre.dense_matrix("layer", 0), m0, rtol=0, atol=0)
