@@ -515,6 +515,7 @@ class SGLD(MCMCKernel):
         self._user_initial_params: dict[str, Tensor] | None = None
         self.transforms: dict[str, Transform] | None = None
         self._warned_no_layers = False  # warn once per kernel, not once per chain
+        self._warned_prior: set[str] = set()  # layers warned about by _check_prior_stability
         self._save_params: list[str] | None = None
         self._resume: dict[str, Any] | None = None  # a state_dict() to continue from
         self._resume_applied = False
@@ -1008,10 +1009,12 @@ class SGLD(MCMCKernel):
             self._evaluate_at(z, "at the parameters passed to sample() is not finite")
         diverging = False
         pre = self.preconditioner
-        for _ in range(self.thin):
+        for i in range(self.thin):
             eps = self._step_size_at(self._t)
             self._eps = eps
             pre.update(self._grads)
+            if i == 0 and self._draw in (0, self._warmup_steps):  # at the start and after warmup
+                self._check_prior_stability(eps)
             z_new = pre.step(z, self._grads, eps, self.temperature, self._rng)
             self._t += 1
             lp, grads, gnorm = math.nan, self._grads, self._gnorm
@@ -1068,6 +1071,33 @@ class SGLD(MCMCKernel):
         elif diverging:
             self._warmup_divergences += 1
         return out
+
+    def _check_prior_stability(self, eps: float) -> None:
+        """Warn (once per layer) when BNP's ``M`` makes a layer's Gaussian prior unstable."""
+        pre: Any = self.preconditioner
+        if not self._layers or getattr(pre, "rmsprop", True) is not None:
+            return  # plain BNP only: with RMSprop, M's scale follows the gradients instead
+        priors: dict[str, tuple[float | None, float]] = {}
+        for layer in self._layers:
+            w = self._module_sites.get(layer.weight)
+            if w is None or w.iid is None:
+                continue
+            b = self._module_sites.get(layer.bias) if layer.bias is not None else None
+            var_b = None if b is None or b.iid is None else 1.0 / b.iid[1]
+            priors[layer.name] = (var_b, 1.0 / w.iid[1])
+        if not priors:
+            return
+        for name, nu in pre.prior_stability(eps, priors).items():
+            if nu > 2.0 and name not in self._warned_prior:
+                self._warned_prior.add(name)
+                warnings.warn(
+                    f"BNP layer {name!r}: (eps/2) lambda_max(M Lambda_prior) = {nu:.3g} > 2 at "
+                    f"step size {eps:.3g}: the prior alone makes this layer's update overshoot "
+                    "and grow (the chain oscillates or explodes); use a step size below "
+                    f"{2.0 * eps / nu:.2g}, or preconditioner='bnp+rmsprop'",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     _STAT_FIELDS = ("mean", "var", "batch_size", "spatial_size", "num_batches", "num_skipped")
 

@@ -1,0 +1,81 @@
+"""BNP's prior stability number ``nu = (eps/2) lambda_max(A^T Lambda A)``, kernel warning."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.nn import PyroModule, PyroSample
+from test_bnp_algebra import CASES, _setup
+from torch import nn
+
+from pyro_bnp import BNP, SGLD
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("var_b", [1.0, 0.04, None])
+def test_prior_stability_equals_dense_eigenvalue(case, var_b):
+    """Against ``eigvalsh`` of ``Lambda^1/2 M Lambda^1/2`` for every neuron's dense block."""
+    ref, params, _ = _setup(case)
+    pre = BNP()
+    pre.init(params, num_data=50.0, layers=(ref,))
+    eps, var_w = 3e-3, 0.25
+    nu = pre.prior_stability(eps, {"layer": (var_b, var_w)})["layer"]
+    worst = 0.0
+    for neuron in range(params["layer.weight"].shape[0]):
+        m = pre.dense_matrix("layer", neuron).double()
+        prec = torch.full((m.shape[0],), 1.0 / var_w, dtype=torch.float64)
+        if ref.bias is not None:
+            prec[0] = 1.0 / var_b if var_b is not None else 0.0
+        root = prec.sqrt()
+        worst = max(worst, float(torch.linalg.eigvalsh(root[:, None] * m * root[None, :]).max()))
+    assert nu == pytest.approx(0.5 * eps * worst, rel=1e-9)
+
+
+class _ConstantInputs(PyroModule):
+    """One Linear layer fed nearly constant inputs: BNP's M is large, the prior stiff."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = PyroModule[nn.Linear](3, 1)
+        self.fc.weight = PyroSample(dist.Normal(0.0, 0.1).expand([1, 3]).to_event(2))
+        self.fc.bias = PyroSample(dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.fc.weight, self.fc.bias  # noqa: B018
+        with pyro.plate("data", x.shape[0]) as idx:
+            pyro.sample("y", dist.Normal(self.fc(x[idx]).squeeze(-1), 1.0), obs=y[idx])
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = 1.0 + 1e-3 * torch.randn(40, 3, generator=g)
+    return x, torch.randn(40, generator=g)
+
+
+def test_kernel_warns_once_when_the_prior_is_unstable(seed):
+    x, y = _data()
+    pre = BNP()
+    kernel = SGLD(_ConstantInputs(), 1e-4, subsample_size={"data": 20}, preconditioner=pre)
+    with pytest.warns(RuntimeWarning, match=r"BNP layer 'fc'.*> 2") as record:
+        kernel.setup(0, x, y)
+        z = kernel.initial_params
+        for _ in range(3):
+            z = kernel.sample(z)
+    assert len([w for w in record if "BNP layer" in str(w.message)]) == 1
+    nu = pre.prior_stability(1e-4, {"fc": (1.0, 0.01)})["fc"]
+    assert nu > 2
+    kernel.cleanup()
+
+
+def test_no_warning_at_a_stable_step_size(seed):
+    x, y = _data()
+    pre = BNP()
+    kernel = SGLD(_ConstantInputs(), 1e-9, subsample_size={"data": 20}, preconditioner=pre)
+    kernel.setup(0, x, y)
+    z = kernel.initial_params
+    for _ in range(3):  # filterwarnings = error: any warning fails the test
+        z = kernel.sample(z)
+    assert pre.prior_stability(1e-9, {"fc": (1.0, 0.01)})["fc"] < 2
+    kernel.cleanup()
