@@ -228,6 +228,7 @@ class BNP(Preconditioner):
         self.name = "bnp+rmsprop" if rmsprop is not None else "bnp"
         self.needs_layers = True
         self._blocks: dict[str, _Block] = {}  # by layer name
+        self._gz: tuple[Mapping[str, Tensor], Params] | None = None  # update()'s A^T g
 
     # -- life cycle --------------------------------------------------------------------
     def stats_options(self) -> dict[str, Any]:
@@ -263,6 +264,7 @@ class BNP(Preconditioner):
         """
         super().init(params, num_data=num_data, layers=tuple(layers))
         self._blocks = {}
+        self._gz = None
         used: set[str] = set()
         for ref in layers:
             block = self._make_block(ref, params)
@@ -368,8 +370,11 @@ class BNP(Preconditioner):
             if not (self.frozen and block.fresh):
                 self._refresh(block)
         rms = self.rmsprop
+        self._gz = None
         if rms is not None and not (rms.frozen and rms.diagonal()):
-            rms.update(self._to_z_all(grads))
+            gz = self._to_z_all(grads)
+            rms.update(gz)
+            self._gz = (grads, gz)  # step() maps the same gradient with the same statistics
 
     def freeze(self) -> None:
         """Freeze the layer statistics and the RMSprop state: ``M`` is constant from now on."""
@@ -489,7 +494,15 @@ class BNP(Preconditioner):
             scale = math.sqrt(step_size * temperature)
             if half < 1e30 * scale and scale > _MIN_FUSED_SCALE:
                 return self._fused_step(params, grads, half, scale, generator)
-        gz = self._to_z_all(grads)
+        cached, self._gz = self._gz, None
+        gz = cached[1] if cached is not None and cached[0] is grads else self._to_z_all(grads)
+        if temperature > 0 and rms is not None:
+            scale = math.sqrt(step_size * temperature)
+            if half < 1e30 * scale:
+                # theta + scale * A (sqrt(G) xi - (half / scale) G A^T g), no temporaries
+                xi = standard_normal_like(params, generator)
+                delta = self._from_z_all(rms.noise_minus_drift(xi, gz, half / scale))
+                return {k: torch.add(v, delta[k], alpha=scale) for k, v in params.items()}
         dz = gz if rms is None else rms.drift(gz)
         if temperature > 0:
             xi = standard_normal_like(params, generator)

@@ -321,6 +321,14 @@ class RMSprop(Preconditioner):
         """Return ``sqrt(G) * xi``."""
         return {k: x * self._root[k] for k, x in xi.items()}
 
+    def noise_minus_drift(
+        self, xi: Mapping[str, Tensor], grads: Mapping[str, Tensor], k: float
+    ) -> Params:
+        """Return ``sqrt(G) xi - k G g``, written into ``xi``'s (fresh) tensors."""
+        return {
+            n: x.mul_(self._root[n]).addcmul_(grads[n], self._g[n], value=-k) for n, x in xi.items()
+        }
+
     def step(
         self,
         params: Mapping[str, Tensor],
