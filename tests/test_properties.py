@@ -17,6 +17,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pyro.infer import MCMC
+from pyro.nn import PyroModule, PyroSample
+from torch import nn
 
 from pyro_bnp import SGLD, schedules
 
@@ -52,7 +54,24 @@ def model_event(x, y):
         pyro.sample("y", dist.Normal(x[idx] @ w, 1.0).to_event(1), obs=y[idx])
 
 
-MODELS = {"single": model_single, "nested": model_nested, "event": model_event}
+class ModuleModel(PyroModule):
+    """A PyroModule regression: its weights take the kernel's PyroModule cache path."""
+
+    def __init__(self, d: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.fc = PyroModule[nn.Linear](d, 1).to(dtype)
+        zero = torch.zeros((), dtype=dtype)
+        self.fc.weight = PyroSample(dist.Normal(zero, 1.0).expand([1, d]).to_event(2))
+        self.fc.bias = PyroSample(dist.Normal(zero, 1.0).expand([1]).to_event(1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.fc.weight, self.fc.bias  # noqa: B018  (sampled before the plate)
+        s = pyro.sample("s", dist.HalfNormal(torch.ones((), dtype=x.dtype)))
+        with pyro.plate("data", x.shape[0]) as idx:
+            pyro.sample("y", dist.Normal(self.fc(x[idx]).squeeze(-1), s), obs=y[idx])
+
+
+MODELS = {"single": model_single, "nested": model_nested, "event": model_event, "module": None}
 
 VALID = {
     "step": st.one_of(
@@ -79,6 +98,7 @@ INVALID = {
     "precond": st.sampled_from(["bogus", 3, None]),
 }
 
+DOCUMENTED_WARNINGS = ("no Linear/Conv layer", "lambda_max(M Lambda_prior)")
 KEYWORDS = (
     "step_size", "temperature", "thin", "subsample_size", "plate", "preconditioner",
     "schedule", "local latent",
@@ -102,9 +122,9 @@ def test_any_arguments_run_or_fail_clearly(layout, n, d, dtype, broken, data, se
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=dtype)
     y = torch.randn(n, generator=g, dtype=dtype)
-    if layout != "single":
+    if layout in ("nested", "event"):
         y = torch.randn(n, 2, generator=g, dtype=dtype)
-    model = MODELS[layout]
+    model = MODELS[layout] or ModuleModel(d, dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -124,11 +144,12 @@ def test_any_arguments_run_or_fail_clearly(layout, n, d, dtype, broken, data, se
             assert "step size" in str(err), str(err)
             event("RuntimeError")
             return
-    event(f"ran (broken={broken})")
+    event(f"ran {layout} (broken={broken})")
     for w in caught:  # only the documented warnings
-        assert "no Linear/Conv layer" in str(w.message), str(w.message)
+        assert any(k in str(w.message) for k in DOCUMENTED_WARNINGS), str(w.message)
     samples = mcmc.get_samples()
-    assert samples["w"].shape[0] == 4 and samples["w"].dtype == dtype
+    w = samples["fc.weight" if layout == "module" else "w"]
+    assert w.shape[0] == 4 and w.dtype == dtype
     for k, v in samples.items():
         assert torch.isfinite(v).all(), k
     diag = kernel.diagnostics()
