@@ -191,6 +191,16 @@ class BNP(Preconditioner):
     init : {"batch", "paper"}
         Initial statistics: from the first mini-batch (default; safe on badly scaled inputs)
         or the paper's ``mu = 0, var = 1``. Stored as :attr:`stats_init`.
+    prior_cap : float or None
+        ``kappa`` in ``(0, 2)``, or None (default: the paper's BNP). For layers whose
+        i.i.d. Normal priors the kernel reports (:meth:`set_priors`), keep the prior's
+        stability number ``nu`` (:meth:`prior_stability`) at most ``kappa`` at the current step
+        size: first floor ``s^2`` at ``eps / (2 kappa q^2 sigma_w^2)`` (only the low-variance
+        inputs that make the prior stiff are touched), then, if an upper bound of ``nu`` still
+        exceeds ``kappa`` (the bias coupling), enlarge that layer's ``q^2`` by ``nu / kappa``.
+        ``M`` stays ``P P^T / q^2`` for every layer, drift and noise from the same ``A``; it
+        now also depends on the step size (with a schedule a frozen ``M`` changes with it).
+        Without RMSprop only.
     """
 
     name = "bnp"
@@ -203,6 +213,7 @@ class BNP(Preconditioner):
         freeze_after_warmup: bool = False,
         rmsprop: RMSprop | None = None,
         init: str = "batch",
+        prior_cap: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(rho, (int, float)) or not (0.0 <= rho < 1.0):
@@ -219,6 +230,14 @@ class BNP(Preconditioner):
             raise ValueError(f"BNP: rmsprop must be None or an RMSprop instance, got {rmsprop!r}")
         if init not in _STATS_INITS:
             raise ValueError(f"BNP: init must be one of {_STATS_INITS}, got {init!r}")
+        if prior_cap is not None and (
+            isinstance(prior_cap, bool)
+            or not isinstance(prior_cap, (int, float))
+            or not (0.0 < prior_cap < 2.0)
+        ):
+            raise ValueError(f"BNP: prior_cap must be None or in (0, 2), got {prior_cap!r}")
+        if prior_cap is not None and rmsprop is not None:
+            raise ValueError("BNP: prior_cap applies to plain BNP only (rmsprop=None)")
         self.rho = float(rho)
         self.eps1 = float(eps1)
         self.eps2 = float(eps2)
@@ -229,6 +248,9 @@ class BNP(Preconditioner):
         self.needs_layers = True
         self._blocks: dict[str, _Block] = {}  # by layer name
         self._gz: tuple[Mapping[str, Tensor], Params] | None = None  # update()'s A^T g
+        self.prior_cap = None if prior_cap is None else float(prior_cap)
+        self._priors: dict[str, tuple[float | None, float]] = {}  # layer -> (var_b, var_w)
+        self._cap_eps: float | None = None  # the step size the blocks were capped for
 
     # -- life cycle --------------------------------------------------------------------
     def stats_options(self) -> dict[str, Any]:
@@ -265,6 +287,7 @@ class BNP(Preconditioner):
         super().init(params, num_data=num_data, layers=tuple(layers))
         self._blocks = {}
         self._gz = None
+        self._priors, self._cap_eps = {}, None
         used: set[str] = set()
         for ref in layers:
             block = self._make_block(ref, params)
@@ -344,6 +367,9 @@ class BNP(Preconditioner):
             vmax = float(var.max())
         s2 = torch.add(var, block.one, alpha=self.eps1 * vmax + self.eps2)
         q2 = balance_factor(block.fan_in, stats.batch_size, stats.spatial_size)
+        prior = self._priors.get(block.ref.name)
+        if self.prior_cap is not None and prior is not None and self._cap_eps is not None:
+            s2, q2 = self._capped(block, mu, s2, q2, prior, self._cap_eps, self.prior_cap)
         q = math.sqrt(q2)
         r = s2.rsqrt()
         c = mu * r
@@ -354,6 +380,49 @@ class BNP(Preconditioner):
         block.mu, block.s2, block.q, block.q2, block.iq = mu, s2, q, q2, 1.0 / q
         block.r, block.c, block.a, block.ca = r, c, None, None
         block.fresh = True
+
+    @staticmethod
+    def _capped(
+        block: _Block,
+        mu: Tensor,
+        s2: Tensor,
+        q2: float,
+        prior: tuple[float | None, float],
+        eps: float,
+        kappa: float,
+    ) -> tuple[Tensor, float]:
+        """``(s^2, q^2)`` with the prior's stability number at most ``kappa`` (``prior_cap``)."""
+        var_b, var_w = prior
+        s2 = torch.clamp_min(s2, eps / (2.0 * kappa * q2 * var_w))
+        groups, _, cin_g, ksize = block.shape4
+        lam = 1.0 / (float(s2.min()) * var_w)  # the diagonal's largest entry
+        if var_b is not None and block.ref.bias is not None:
+            # an upper bound of the arrowhead's largest eigenvalue: max(alpha, max r) + |v|
+            m, v = mu.view(groups, cin_g), s2.view(groups, cin_g)
+            alpha = (1.0 + ksize * (m.square() / v).sum(1)) / var_b
+            vnorm = (ksize * (m / v).square().sum(1) / (var_b * var_w)).sqrt()
+            lam = max(lam, float((alpha.clamp_min(lam) + vnorm).max()))
+        nu = 0.5 * eps * lam / q2
+        return s2, (q2 * nu / kappa if nu > kappa else q2)
+
+    def set_priors(self, priors: Mapping[str, tuple[float | None, float]]) -> None:
+        """Register the i.i.d. Normal prior variances ``(bias or None, weight)`` per layer.
+
+        The kernel calls it for layers whose priors it knows in closed form; only
+        ``prior_cap`` uses them.
+        """
+        self._priors = dict(priors)
+        for block in self._blocks.values():
+            block.fresh = False
+
+    def _set_cap_step_size(self, step_size: float) -> None:
+        """Recompute the capped blocks when the step size changed (``prior_cap`` only)."""
+        if self.prior_cap is None or not self._priors or step_size == self._cap_eps:
+            return
+        self._cap_eps = step_size
+        for name, block in self._blocks.items():
+            if name in self._priors:
+                block.fresh = False
 
     def _ensure(self) -> None:
         for block in self._blocks.values():
@@ -490,6 +559,7 @@ class BNP(Preconditioner):
         """
         half = 0.5 * step_size
         rms = self.rmsprop
+        self._set_cap_step_size(step_size)
         if temperature > 0 and rms is None:
             scale = math.sqrt(step_size * temperature)
             if half < 1e30 * scale and scale > _MIN_FUSED_SCALE:
@@ -745,6 +815,8 @@ class BNP(Preconditioner):
             "freeze_after_warmup": self.freeze_after_warmup,
             "init": self.stats_init,
         }
+        if self.prior_cap is not None:
+            cfg["prior_cap"] = self.prior_cap
         if self.rmsprop is not None:
             cfg.update({f"rmsprop_{k}": v for k, v in self.rmsprop.config().items()})
         return cfg
@@ -753,5 +825,5 @@ class BNP(Preconditioner):
         return (
             f"BNP(rho={self.rho!r}, eps1={self.eps1!r}, eps2={self.eps2!r}, "
             f"freeze_after_warmup={self.freeze_after_warmup!r}, rmsprop={self.rmsprop!r}, "
-            f"init={self.stats_init!r})"
+            f"init={self.stats_init!r}, prior_cap={self.prior_cap!r})"
         )

@@ -783,6 +783,8 @@ class SGLD(MCMCKernel):
             layers = self._install_layers()
         self._layers = layers
         self.preconditioner.init(z, num_data=self._num_data, layers=layers)
+        if layers and hasattr(self.preconditioner, "set_priors"):
+            self.preconditioner.set_priors(self._layer_priors())
         resume, self._resume = self._resume, None
         if resume is not None and resume["preconditioner"] is not None:
             self.preconditioner.load_state_dict(resume["preconditioner"])
@@ -1072,11 +1074,8 @@ class SGLD(MCMCKernel):
             self._warmup_divergences += 1
         return out
 
-    def _check_prior_stability(self, eps: float) -> None:
-        """Warn (once per layer) when BNP's ``M`` makes a layer's Gaussian prior unstable."""
-        pre: Any = self.preconditioner
-        if not self._layers or getattr(pre, "rmsprop", True) is not None:
-            return  # plain BNP only: with RMSprop, M's scale follows the gradients instead
+    def _layer_priors(self) -> dict[str, tuple[float | None, float]]:
+        """Layer -> (bias, weight) prior variances, for layers with closed-form Normal priors."""
         priors: dict[str, tuple[float | None, float]] = {}
         for layer in self._layers:
             w = self._module_sites.get(layer.weight)
@@ -1085,6 +1084,16 @@ class SGLD(MCMCKernel):
             b = self._module_sites.get(layer.bias) if layer.bias is not None else None
             var_b = None if b is None or b.iid is None else 1.0 / b.iid[1]
             priors[layer.name] = (var_b, 1.0 / w.iid[1])
+        return priors
+
+    def _check_prior_stability(self, eps: float) -> None:
+        """Warn (once per layer) when BNP's ``M`` makes a layer's Gaussian prior unstable."""
+        pre: Any = self.preconditioner
+        if not self._layers or getattr(pre, "rmsprop", True) is not None:
+            return  # plain BNP only: with RMSprop, M's scale follows the gradients instead
+        if getattr(pre, "prior_cap", None) is not None:
+            return  # BNP(prior_cap=...) keeps nu below the cap itself
+        priors = self._layer_priors()
         if not priors:
             return
         for name, nu in pre.prior_stability(eps, priors).items():
@@ -1094,7 +1103,7 @@ class SGLD(MCMCKernel):
                     f"BNP layer {name!r}: (eps/2) lambda_max(M Lambda_prior) = {nu:.3g} > 2 at "
                     f"step size {eps:.3g}: the prior alone makes this layer's update overshoot "
                     "and grow (the chain oscillates or explodes); use a step size below "
-                    f"{2.0 * eps / nu:.2g}, or preconditioner='bnp+rmsprop'",
+                    f"{2.0 * eps / nu:.2g}, BNP(prior_cap=1.0), or preconditioner='bnp+rmsprop'",
                     RuntimeWarning,
                     stacklevel=3,
                 )

@@ -10,7 +10,7 @@ from pyro.nn import PyroModule, PyroSample
 from test_bnp_algebra import CASES, _setup
 from torch import nn
 
-from pyro_bnp import BNP, SGLD
+from pyro_bnp import BNP, SGLD, RMSprop
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -79,3 +79,83 @@ def test_no_warning_at_a_stable_step_size(seed):
         z = kernel.sample(z)
     assert pre.prior_stability(1e-9, {"fc": (1.0, 0.01)})["fc"] < 2
     kernel.cleanup()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_prior_cap_bounds_the_stability_number(case):
+    """With ``prior_cap`` the exact ``nu`` is at most the cap; ``M`` stays ``P P^T / q^2``."""
+    ref, params, _ = _setup(case)
+    kappa, priors = 1.0, {"layer": (0.01, 1e-4)}
+    plain = BNP()
+    plain.init(params, num_data=50.0, layers=(ref,))
+    eps = 10.0 * 3e-3 / plain.prior_stability(3e-3, priors)["layer"]  # nu is linear in eps
+    assert plain.prior_stability(eps, priors)["layer"] == pytest.approx(10.0)  # uncapped
+    pre = BNP(prior_cap=kappa)
+    pre.init(params, num_data=50.0, layers=(ref,))
+    pre.set_priors(priors)
+    pre._set_cap_step_size(eps)
+    nu = pre.prior_stability(eps, priors)["layer"]
+    assert nu <= kappa * (1 + 1e-9)
+    assert nu > 0.2 * kappa  # not shrunk needlessly: the bound is within 2x, the floor exact
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    drift = pre.drift(grads)
+    for neuron in range(params["layer.weight"].shape[0]):
+        m = pre.dense_matrix("layer", neuron).double()
+        g = grads["layer.weight"][neuron].reshape(-1)
+        d = drift["layer.weight"][neuron].reshape(-1)
+        if ref.bias is not None:
+            g = torch.cat([grads["layer.bias"][neuron].reshape(1), g])
+            d = torch.cat([drift["layer.bias"][neuron].reshape(1), d])
+        assert torch.allclose(d, m @ g, rtol=1e-9, atol=1e-12)
+
+
+def test_prior_cap_keeps_the_chain_stable(seed):
+    x, y = _data()
+    plain = SGLD(_ConstantInputs(), 1e-4, subsample_size={"data": 20}, preconditioner="bnp")
+    plain.setup(0, x, y)
+    with (
+        pytest.warns(RuntimeWarning, match="BNP layer"),
+        pytest.raises(RuntimeError, match="exploding"),
+    ):
+        z = plain.initial_params
+        for _ in range(200):
+            z = plain.sample(z)
+    plain.cleanup()
+    pre = BNP(prior_cap=1.0)
+    kernel = SGLD(_ConstantInputs(), 1e-4, subsample_size={"data": 20}, preconditioner=pre)
+    kernel.setup(0, x, y)
+    z = kernel.initial_params
+    for _ in range(200):  # no warning (filterwarnings = error), no explosion
+        z = kernel.sample(z)
+    assert max(float(v.abs().max()) for v in z.values()) < 10.0
+    assert pre.prior_stability(1e-4, {"fc": (1.0, 0.01)})["fc"] <= 1.0 + 1e-9
+    kernel.cleanup()
+
+
+def test_prior_cap_changes_nothing_where_the_prior_is_soft(seed):
+    """Prior sd 10 (the conjugate regression): the cap never engages, the draws are the same."""
+    from bnp_models import LinearRegression
+    from sgld_models import badly_scaled_features
+
+    x, y = badly_scaled_features(200, scales=[0.3, 1.0, 3.0], means=[1.0, -2.0, 3.0])
+    chains = []
+    for pre in (BNP(), BNP(prior_cap=1.0)):
+        pyro.set_rng_seed(seed)
+        kernel = SGLD(LinearRegression(3), 1e-4, subsample_size={"data": 20}, preconditioner=pre)
+        kernel.setup(0, x, y)
+        z = kernel.initial_params
+        for _ in range(50):
+            z = kernel.sample(z)
+        chains.append(z)
+        kernel.cleanup()
+    for k in chains[0]:
+        assert torch.equal(chains[0][k], chains[1][k]), k
+
+
+def test_prior_cap_validation():
+    with pytest.raises(ValueError, match="prior_cap"):
+        BNP(prior_cap=2.5)
+    with pytest.raises(ValueError, match="prior_cap"):
+        BNP(prior_cap=True)
+    with pytest.raises(ValueError, match="plain BNP only"):
+        BNP(prior_cap=1.0, rmsprop=RMSprop())
