@@ -38,7 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import BayesNet, machine_info, mlp, num_params, set_threads, write_json
+from common import (
+    BayesNet,
+    bench_parser,
+    machine_info,
+    mlp,
+    num_params,
+    report,
+    set_threads,
+)
 from torch import nn
 
 CONFIGS = (
@@ -191,10 +199,7 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/memory.json")
-    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's)")
+    parser = bench_parser(__doc__, "memory")
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--updates", type=int, default=2_000, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,10 +207,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.updates, args.threads)))
         return
     result = run(args.quick, args.threads)
-    for row in result["summary"]:
-        print(f"{row['case']:<18} {row['value']}")
-    write_json(Path(args.out), result)
-    print(f"wrote {args.out}")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -39,18 +39,24 @@ Run ``python benchmarks/bench_nuts.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
-from common import BayesNet, machine_info, mlp, set_threads, status, write_json
+from common import (
+    BayesNet,
+    bench_parser,
+    machine_info,
+    mlp,
+    report,
+    set_threads,
+    status,
+)
 from pyro.infer import MCMC, NUTS
 from torch import Tensor, nn
 
@@ -507,16 +513,10 @@ def _speedup(nuts_t: float, t: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/nuts.json")
-    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's)")
+    parser = bench_parser(__doc__, "nuts")
     args = parser.parse_args()
     result = run(args.quick, args.threads)
-    for row in result["summary"]:
-        print(f"{row['case']:<12} {row['value']:<100} {row['target']:<6} {row['status']}")
-    write_json(Path(args.out), result)
-    print(f"wrote {args.out}")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ Run ``python benchmarks/bench_scaling.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,15 +23,16 @@ from bench_step import ours
 from common import (
     BayesNet,
     HandSGLD,
+    bench_parser,
     fmt_us,
     interleaved,
     machine_info,
     mlp,
+    report,
     set_threads,
     site_values,
     status,
     strip_rounds,
-    write_json,
 )
 from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
@@ -154,16 +153,10 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/scaling.json")
-    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's)")
+    parser = bench_parser(__doc__, "scaling")
     args = parser.parse_args()
     result = run(args.quick, args.threads)
-    for row in result["summary"]:
-        print(f"{row['case']:<32} {row['value']:<60} {row['target']:<8} {row['status']}")
-    write_json(Path(args.out), result)
-    print(f"wrote {args.out}")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,12 @@ tables of one ``SGLD.sample`` step instead of timing.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import cProfile
 import io
 import math
 import pstats
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +34,7 @@ from common import (
     Batches,
     BayesNet,
     HandSGLD,
+    bench_parser,
     fmt_us,
     interleaved,
     log_lik_sum,
@@ -44,12 +43,12 @@ from common import (
     num_params,
     paired_ratio,
     ratio,
+    report,
     set_threads,
     site_values,
     small_cnn,
     status,
     strip_rounds,
-    write_json,
 )
 from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
@@ -270,10 +269,7 @@ def profile(name: str, pre: str, steps: int = 300, top: int = 25) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/step.json")
-    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's)")
+    parser = bench_parser(__doc__, "step")
     parser.add_argument("--profile", action="store_true", help="print cProfile tables instead")
     args = parser.parse_args()
     if args.profile:
@@ -284,10 +280,7 @@ def main() -> None:
                 print(profile(name, pre))
         return
     result = run(args.quick, args.threads)
-    for row in result["summary"]:
-        print(f"{row['case']:<40} {row['value']:<36} {row['target']:<16} {row['status']}")
-    write_json(Path(args.out), result)
-    print(f"wrote {args.out}")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the median over rounds. Ratios are ratios of those medians; the median of the pe
 
 from __future__ import annotations
 
+import argparse
 import copy
 import datetime
 import json
@@ -100,6 +101,26 @@ def git_state() -> str | None:
 
 
 CODE_AT_IMPORT = git_state()
+
+
+def bench_parser(doc: str | None, name: str) -> argparse.ArgumentParser:
+    """Return a parser with the shared options ``--out``, ``--quick`` and ``--threads``."""
+    parser = argparse.ArgumentParser(description=(doc or name).splitlines()[0])
+    parser.add_argument("--out", default=f"benchmarks/results/{name}.json")
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's)")
+    return parser
+
+
+def report(result: Mapping[str, Any], out: str) -> None:
+    """Print a benchmark's summary rows as aligned columns and write its JSON to ``out``."""
+    rows = result["summary"]
+    keys = [k for k in ("case", "value", "target", "status") if any(k in r for r in rows)]
+    widths = {k: max(len(str(r.get(k, ""))) for r in rows) for k in keys}
+    for r in rows:
+        print("  ".join(f"{str(r.get(k, '')):<{widths[k]}}" for k in keys).rstrip())
+    write_json(Path(out), result)
+    print(f"wrote {out}")
 
 
 def write_json(path: Path, result: Mapping[str, Any]) -> None:
