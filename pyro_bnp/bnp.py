@@ -607,8 +607,9 @@ class BNP(Preconditioner):
         * ``w' = w + (scale/q) r u_w`` (``addcmul``),
         * ``u_b = xi_b - (k/q) g_b``, ``b' = b - (scale/q) u_w c + (scale/q) u_b``.
 
-        Three passes over the weight besides drawing the noise, no weight-sized temporary but
-        the result; convolutions do the same on the ``[G, out/G, in/G, k]`` view.
+        Three passes over the weight and one ``addmv`` besides drawing the noise, everything
+        written into the noise tensors (no weight-sized allocation); convolutions do the same
+        on the ``[G, out/G, in/G, k]`` view.
         """
         k = half / scale
         xi = standard_normal_like(params, generator)
@@ -629,17 +630,13 @@ class BNP(Preconditioner):
                 uw.addcmul_(gw, r, value=-kq)
                 if gb is not None:  # (``addr_`` would build the outer product in a temporary)
                     uw.addcmul_(gb.unsqueeze(1), c, value=kq)
-                out[wname] = torch.addcmul(w, uw, r, value=sq)
             else:
                 g, out_g, _, _ = block.shape4
                 uw = uw.view(block.shape4)  # a fresh contiguous tensor
                 uw.addcmul_(gw.reshape(block.shape4), r, value=-kq)
                 if gb is not None:
                     uw.addcmul_(gb.view(g, out_g, 1, 1), c, value=kq)
-                out[wname] = torch.addcmul(w.reshape(block.shape4), uw, r, value=sq).view(
-                    block.shape
-                )
-            if bname is not None and gb is not None:
+            if bname is not None and gb is not None:  # reads u_w: before w' overwrites it
                 ub = xi[bname].add_(gb, alpha=-kq)
                 b = params[bname]
                 if block.dense:
@@ -647,10 +644,15 @@ class BNP(Preconditioner):
                 else:
                     nb = self._bias_dot(block, b, uw, c, 1.0, -sq)
                 out[bname] = nb.add_(ub, alpha=sq)
+            # w' into the noise tensor itself: a fresh weight-sized result cost more than the
+            # arithmetic (new pages) on large layers
+            w4 = w if block.dense else w.reshape(block.shape4)
+            torch.addcmul(w4, uw, r, value=sq, out=uw)
+            out[wname] = xi[wname]
         return {
             name: out[name]
             if name in out
-            else torch.add(v, xi[name].sub_(grads[name], alpha=k), alpha=scale)
+            else torch.add(v, xi[name].sub_(grads[name], alpha=k), alpha=scale, out=xi[name])
             for name, v in params.items()
         }
 

@@ -888,23 +888,31 @@ class SGLD(MCMCKernel):
                 logdet = logdet + t.log_abs_det_jacobian(v, x).sum()
         sites = self._module_sites
         joint = _LogJoint(values, self._next_indices(), sites)
+        live = self._stats_live()
         hooks = self._hooks
+        if hooks is not None and hooks.installed != live:
+            # frozen statistics observe nothing: unregistered hooks keep the modules' calls on
+            # torch's fast path (registered ones cost ~4 us per layer even when switched off)
+            if live:
+                hooks.install()
+            else:
+                hooks.remove()
         with torch.enable_grad():
             if sites:
                 # PyroSample weights: put the values in the module's per-call cache, so their
                 # sample statements never run; their log prior is added below.
                 ctx: Any = getattr(self.model, "_pyro_context")  # noqa: B009 (typed as Callable)
-                snapshot = self._stats_snapshot()
+                snapshot = self._stats_snapshot() if live else None
                 with ctx:
                     for name, site in sites.items():
                         ctx.cache[site.fullname] = values[name]
                         if site.iid is None:
                             logdet = logdet + site.prior.log_prob(values[name]).sum()
-                    self._run_model(joint, hooks)
+                    self._run_model(joint, hooks if live else None)
                 if joint.bypassed is not None:
                     return self._fallback(joint.bypassed, z, snapshot)
             else:
-                self._run_model(joint, hooks)
+                self._run_model(joint, hooks if live else None)
             lp = joint.total + logdet
             names = list(leaves)
             grads: tuple[Tensor | None, ...]
@@ -1011,6 +1019,7 @@ class SGLD(MCMCKernel):
             self._evaluate_at(z, "at the parameters passed to sample() is not finite")
         diverging = False
         pre = self.preconditioner
+        live = self._stats_live()
         for i in range(self.thin):
             eps = self._step_size_at(self._t)
             self._eps = eps
@@ -1032,7 +1041,7 @@ class SGLD(MCMCKernel):
                     f"|theta| = {largest:.3g} > max_abs_param={self.max_abs_param:g} (step size "
                     f"{eps:.3g}); try a smaller step size, e.g. {eps / 10:.3g}"
                 )
-            snapshot = self._stats_snapshot() if finite else None
+            snapshot = self._stats_snapshot() if finite and live else None
             if finite:  # a non-finite proposal is rejected without running the model
                 # Validation off (as in Pyro's MCMC): an invalid distribution parameter
                 # makes a non-finite log density, i.e. a rejected step, not an exception.
@@ -1109,6 +1118,10 @@ class SGLD(MCMCKernel):
                 )
 
     _STAT_FIELDS = ("mean", "var", "batch_size", "spatial_size", "num_batches", "num_skipped")
+
+    def _stats_live(self) -> bool:
+        """Whether a model evaluation can change the layer statistics (some are not frozen)."""
+        return any(not layer.stats.frozen for layer in self._layers)
 
     def _stats_snapshot(self) -> list[tuple[Any, ...]] | None:
         """Return references to the layer statistics (``observe`` replaces, never mutates)."""

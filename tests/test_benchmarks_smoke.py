@@ -66,9 +66,17 @@ def test_run_all_quick(tmp_path: Path) -> None:
 
     for case in results["step"]["cases"]:
         timings = case["timings"]
-        assert {"hand", "identity", "rmsprop", "bnp", "bnp+rmsprop", "pyro_grad"} <= set(timings)
+        assert {
+            "hand",
+            "identity",
+            "rmsprop",
+            "bnp",
+            "bnp+rmsprop",
+            "bnp-frozen",
+            "pyro_grad",
+        } <= set(timings)
         assert all(t["median_us"] > 0 for t in timings.values())
-        assert case["bnp_overhead"] > 0
+        assert case["bnp_overhead"] > 0 and case["bnp_frozen_overhead"] > 0
         assert case["divergences"] == {k: 0 for k in case["divergences"]}
     scaling = results["scaling"]
     assert set(scaling["step_ratio_largest_to_smallest"]) == {"hand", "identity", "bnp"}

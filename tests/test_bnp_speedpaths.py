@@ -193,3 +193,41 @@ def test_refresh_uses_current_statistics_after_replacement() -> None:
     stats.mean, stats.var = snapshot  # what the kernel does on a rejected proposal
     pre.update(grads)
     torch.testing.assert_close(pre.dense_matrix("layer", 0), m0, rtol=0, atol=0)
+
+
+def test_frozen_statistics_unhook_the_layers_and_thawing_rehooks_them() -> None:
+    """After ``freeze_after_warmup`` the layers carry no hooks (their calls stay on torch's
+    fast path) and post-warmup updates fold nothing in; thawing the statistics by hand brings
+    the hooks back at the next evaluation."""
+    from bnp_models import LinearRegression
+
+    from pyro_bnp import SGLD
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 3, generator=gen, dtype=DT) * torch.tensor([0.3, 1.0, 3.0], dtype=DT)
+    y = x.sum(-1) + torch.randn(60, generator=gen, dtype=DT)
+    kernel = SGLD(
+        LinearRegression(3),
+        1e-4,
+        subsample_size={"data": 20},
+        preconditioner=BNP(freeze_after_warmup=True),
+    )
+    torch.manual_seed(1)
+    kernel.setup(4, x, y)
+    module = kernel.model.linear
+    z = kernel.initial_params
+    draws = []
+    for _ in range(10):
+        z = kernel.sample(z)
+        draws.append(z["linear.weight"])
+    (layer,) = kernel._layers
+    assert layer.stats.frozen and not module._forward_pre_hooks
+    assert layer.stats.num_batches == 5  # the initial evaluation and 4 warmup updates
+    assert torch.stack(draws).unique(dim=0).shape[0] == 10  # the chain moved
+
+    layer.stats.frozen = False
+    z = kernel.sample(z)
+    assert module._forward_pre_hooks and layer.stats.num_batches == 6
+    assert all(bool(torch.isfinite(v).all()) for v in z.values())
+    kernel.cleanup()
+    assert not module._forward_pre_hooks
