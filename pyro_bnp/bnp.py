@@ -154,7 +154,8 @@ class BNP(Preconditioner):
 
     **SGLD update** (our derivation): ``theta <- theta - (eps/2) M g + sqrt(eps T) A xi`` with
     ``g`` the mini-batch gradient of ``U_hat``; it targets ``pi(theta) ∝ exp(-U(theta) / T)``.
-    Sites that are not the weight or bias of a layer get ``M = A = I``.
+    Sites that are not the weight or bias of a layer get ``M = A = I``, or RMSprop's diagonal
+    with ``others="rmsprop"`` (``M`` is then block diagonal: BNP per layer, pSGLD on the rest).
 
     **BNP + RMSprop** (``rmsprop=RMSprop(...)``): pSGLD in BNP coordinates ``z`` with
     ``theta = (P / q) z``: ``g_z = P^T g / q`` (per neuron ``g_z_b = g_b / q``,
@@ -201,6 +202,14 @@ class BNP(Preconditioner):
         ``M`` stays ``P P^T / q^2`` for every layer, drift and noise from the same ``A``; it
         now also depends on the step size (with a schedule a frozen ``M`` changes with it).
         Without RMSprop only.
+    others : {"identity", "rmsprop"} or RMSprop
+        Preconditioning of the sites that are not a layer's weight or bias (a noise scale, a
+        Gaussian process's length scale, ...): the identity (default, the paper) or RMSprop
+        (``"rmsprop"`` for ``RMSprop()``, or an instance). Under the identity such a site's
+        step follows its raw curvature, which for the noise scale of a BNN regression grows
+        like ``N / sigma^2`` and threw ``sigma`` from 0.67 to 70 in the first update of the
+        early-convergence experiment. Plain BNP only: ``rmsprop=`` already covers these sites.
+        ``freeze`` and ``freeze_after_warmup`` apply to it too.
     """
 
     name = "bnp"
@@ -214,6 +223,7 @@ class BNP(Preconditioner):
         rmsprop: RMSprop | None = None,
         init: str = "batch",
         prior_cap: float | None = None,
+        others: str | RMSprop = "identity",
     ) -> None:
         super().__init__()
         if not isinstance(rho, (int, float)) or not (0.0 <= rho < 1.0):
@@ -238,6 +248,19 @@ class BNP(Preconditioner):
             raise ValueError(f"BNP: prior_cap must be None or in (0, 2), got {prior_cap!r}")
         if prior_cap is not None and rmsprop is not None:
             raise ValueError("BNP: prior_cap applies to plain BNP only (rmsprop=None)")
+        if isinstance(others, RMSprop):
+            other_pre: RMSprop | None = others
+        elif isinstance(others, str) and others in ("identity", "rmsprop"):
+            other_pre = RMSprop() if others == "rmsprop" else None
+        else:
+            raise ValueError(
+                f"BNP: others must be 'identity', 'rmsprop' or an RMSprop instance, got {others!r}"
+            )
+        if other_pre is not None and rmsprop is not None:
+            raise ValueError(
+                "BNP: others applies to plain BNP only: with rmsprop= the sites outside the "
+                "layers already get RMSprop"
+            )
         self.rho = float(rho)
         self.eps1 = float(eps1)
         self.eps2 = float(eps2)
@@ -251,6 +274,8 @@ class BNP(Preconditioner):
         self.prior_cap = None if prior_cap is None else float(prior_cap)
         self._priors: dict[str, tuple[float | None, float]] = {}  # layer -> (var_b, var_w)
         self._cap_eps: float | None = None  # the step size the blocks were capped for
+        self.others = other_pre
+        self._other_names: tuple[str, ...] = ()  # sites outside the layers (with ``others``)
 
     # -- life cycle --------------------------------------------------------------------
     def stats_options(self) -> dict[str, Any]:
@@ -303,6 +328,9 @@ class BNP(Preconditioner):
             ref.stats.frozen = False
         if self.rmsprop is not None:
             self.rmsprop.init(params, num_data=num_data, layers=tuple(layers))
+        self._other_names = tuple(k for k in params if k not in used)
+        if self.others is not None:
+            self.others.init(self._other_sites(params), num_data=num_data)
 
     @staticmethod
     def _make_block(ref: LayerRef, params: Mapping[str, Tensor]) -> _Block:
@@ -424,6 +452,10 @@ class BNP(Preconditioner):
             if name in self._priors:
                 block.fresh = False
 
+    def _other_sites(self, values: Mapping[str, Tensor]) -> Params:
+        """Return the entries of ``values`` for the sites outside the layers."""
+        return {k: values[k] for k in self._other_names if k in values}
+
     def _ensure(self) -> None:
         for block in self._blocks.values():
             if not block.fresh:
@@ -438,6 +470,8 @@ class BNP(Preconditioner):
         for block in self._blocks.values():
             if not (self.frozen and block.fresh):
                 self._refresh(block)
+        if self.others is not None:
+            self.others.update(self._other_sites(grads))
         rms = self.rmsprop
         self._gz = None
         if rms is not None and not (rms.frozen and rms.diagonal()):
@@ -453,6 +487,8 @@ class BNP(Preconditioner):
             block.ref.stats.frozen = True
         if self.rmsprop is not None:
             self.rmsprop.freeze()
+        if self.others is not None:
+            self.others.freeze()
 
     # -- the maps A^T = P^T / q and A = P / q, per layer ----------------------------------
     @staticmethod
@@ -536,12 +572,18 @@ class BNP(Preconditioner):
         gz = self._to_z_all(grads)
         if self.rmsprop is not None:
             gz = self.rmsprop.drift(gz)
-        return self._from_z_all(gz)
+        out = self._from_z_all(gz)
+        if self.others is not None:
+            out.update(self.others.drift(self._other_sites(grads)))
+        return out
 
     def noise(self, xi: Mapping[str, Tensor]) -> Params:
         """Return ``A xi``: ``(P/q) xi`` on layers (``(P/q) sqrt(G_z) xi`` with RMSprop)."""
         z = dict(xi) if self.rmsprop is None else self.rmsprop.noise(xi)
-        return self._from_z_all(z)
+        out = self._from_z_all(z)
+        if self.others is not None:
+            out.update(self.others.noise(self._other_sites(xi)))
+        return out
 
     def step(
         self,
@@ -574,9 +616,13 @@ class BNP(Preconditioner):
                 delta = self._from_z_all(rms.noise_minus_drift(xi, gz, half / scale))
                 return {k: torch.add(v, delta[k], alpha=scale) for k, v in params.items()}
         dz = gz if rms is None else rms.drift(gz)
+        if self.others is not None:
+            dz = {**dz, **self.others.drift(self._other_sites(gz))}
         if temperature > 0:
             xi = standard_normal_like(params, generator)
             nz = xi if rms is None else rms.noise(xi)  # fresh tensors: updated in place
+            if self.others is not None:
+                nz = {**nz, **self.others.noise(self._other_sites(xi))}
             scale = math.sqrt(step_size * temperature)
             if half < 1e30 * scale:
                 # theta + scale * A (xi - (half / scale) A^T g)
@@ -649,6 +695,9 @@ class BNP(Preconditioner):
             w4 = w if block.dense else w.reshape(block.shape4)
             torch.addcmul(w4, uw, r, value=sq, out=uw)
             out[wname] = xi[wname]
+        if self.others is not None:  # theta + scale (sqrt(G) xi - k G g), in place into xi
+            for name, u in self.others.noise_minus_drift(self._other_sites(xi), grads, k).items():
+                out[name] = torch.add(params[name], u, alpha=scale, out=u)
         return {
             name: out[name]
             if name in out
@@ -774,6 +823,7 @@ class BNP(Preconditioner):
                 }
         state["layers"] = layers
         state["rmsprop"] = None if self.rmsprop is None else self.rmsprop.state_dict()
+        state["others"] = None if self.others is None else self.others.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -792,6 +842,8 @@ class BNP(Preconditioner):
             )
         if (state.get("rmsprop") is None) != (self.rmsprop is None):
             raise ValueError("BNP: load_state_dict: rmsprop state does not match this object")
+        if (state.get("others") is None) != (self.others is None):
+            raise ValueError("BNP: load_state_dict: others state does not match this object")
         super().load_state_dict(state)
         for name, block in self._blocks.items():
             stats: Any = block.ref.stats
@@ -807,6 +859,8 @@ class BNP(Preconditioner):
             block.fresh = False
         if self.rmsprop is not None:
             self.rmsprop.load_state_dict(state["rmsprop"])
+        if self.others is not None:
+            self.others.load_state_dict(state["others"])
 
     def config(self) -> dict[str, Any]:
         """Hyperparameters (flat scalars; RMSprop's as ``rmsprop_alpha``, ``rmsprop_eps``)."""
@@ -821,11 +875,15 @@ class BNP(Preconditioner):
             cfg["prior_cap"] = self.prior_cap
         if self.rmsprop is not None:
             cfg.update({f"rmsprop_{k}": v for k, v in self.rmsprop.config().items()})
+        if self.others is not None:
+            cfg["others"] = "rmsprop"
+            cfg.update({f"others_{k}": v for k, v in self.others.config().items()})
         return cfg
 
     def __repr__(self) -> str:
         return (
             f"BNP(rho={self.rho!r}, eps1={self.eps1!r}, eps2={self.eps2!r}, "
             f"freeze_after_warmup={self.freeze_after_warmup!r}, rmsprop={self.rmsprop!r}, "
-            f"init={self.stats_init!r}, prior_cap={self.prior_cap!r})"
+            f"init={self.stats_init!r}, prior_cap={self.prior_cap!r}, "
+            f"others={'identity' if self.others is None else self.others!r})"
         )

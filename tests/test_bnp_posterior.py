@@ -8,6 +8,8 @@ the sampler's own (frozen) preconditioner ``M``.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from bnp_models import LinearRegression
@@ -86,3 +88,49 @@ def test_bnp_badly_scaled_regression(seed):
     mcmc = MCMC(kernel, num_samples=60000, warmup_steps=3000, disable_progbar=True)
     mcmc.run(x, y)
     _conjugate_check(_draws(mcmc), x, y, prior, noise, eps, batch, m=_bnp_matrix(pre))
+
+
+def test_bnp_others_rmsprop_posterior(seed):
+    """``BNP(others="rmsprop")``: the layer as in the BNP case above, and a site outside the
+    layer (``loc``, known Normal posterior) preconditioned by RMSprop; both frozen after warmup.
+
+    ``loc``: mean within ``Z`` ESS-gated standard errors of the exact one, variance between the
+    exact posterior's and the stationary variance of this 1-D SGLD chain with i.i.d.
+    mini-batches, ``(2a + a^2 Var(b)) / (1 - (1 - a lam)^2)``, ``a = eps G / 2``.
+    """
+    from bnp_models import LinearRegressionAndLocation
+    from conftest import ess_per_coordinate
+    from test_exact_posteriors import Z
+
+    n, batch, prior, noise, eps, tau = 2000, 100, 10.0, 1.0, 5e-5, 10.0
+    x, y = badly_scaled_features(n, scales=[0.3, 1.0, 3.0], means=[1.0, -2.0, 3.0])
+    gen = torch.Generator().manual_seed(7)
+    u = 2.5 + tau * torch.randn(n, generator=gen, dtype=torch.float64)
+    pre = BNP(freeze_after_warmup=True, others="rmsprop")
+    kernel = SGLD(
+        LinearRegressionAndLocation(3, prior, noise, u_noise=tau),
+        step_size=eps,
+        subsample_size={"data": batch},
+        preconditioner=pre,
+    )
+    mcmc = MCMC(kernel, num_samples=4000, warmup_steps=3000, disable_progbar=True)
+    mcmc.run(x, y, u)
+    _conjugate_check(
+        _draws(mcmc), x, y, prior, noise, eps, batch, m=_bnp_matrix(pre), max_bound=1.75
+    )
+    loc = mcmc.get_samples(group_by_chain=True)["loc"].double()[..., None]
+    lam = 1.0 / prior**2 + n / tau**2
+    exact_mean, exact_var = float(u.sum()) / tau**2 / lam, 1.0 / lam
+    assert pre.others is not None and pre.others.frozen
+    a = 0.5 * eps * float(pre.others.diagonal()["loc"])
+    var_b = n**2 / batch * float(u.var()) / tau**4 * (1 - batch / n)  # of (N/B) sum u / tau^2
+    upper = (2 * a + a**2 * var_b) / (1 - (1 - a * lam) ** 2)
+    ess = float(ess_per_coordinate(loc)[0])
+    d = loc[0, :, 0]
+    z = (float(d.mean()) - exact_mean) / math.sqrt(upper / ess)
+    se = math.sqrt(2.0 / ess)
+    print("loc: ESS", round(ess), "z", round(z, 2), "var/exact", float(d.var()) / exact_var,
+          "bound/exact", upper / exact_var)  # fmt: skip
+    assert ess > 30 and abs(z) < Z
+    assert exact_var * (1 - Z * se) < float(d.var()) < upper * (1 + Z * se)
+    assert upper / exact_var < 1.75

@@ -57,13 +57,14 @@ def _setup(
     return ref, params
 
 
+@pytest.mark.parametrize("others", ["identity", "rmsprop"])
 @pytest.mark.parametrize("layer", LAYERS, ids=[c[0] for c in LAYERS])
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 1e-70])
-def test_fused_step_matches_generic(layer: tuple, temperature: float) -> None:
+def test_fused_step_matches_generic(layer: tuple, temperature: float, others: str) -> None:
     # 1e-70: the noise scale is below the fused path's range, so the generic path runs
     _, make, shape = layer
     ref, params = _setup(make, shape)
-    pre = BNP()
+    pre = BNP(others=others)
     pre.init(params, num_data=50.0, layers=(ref,))
     gen = torch.Generator().manual_seed(1)
     grads = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
@@ -231,3 +232,63 @@ def test_frozen_statistics_unhook_the_layers_and_thawing_rehooks_them() -> None:
     assert all(bool(torch.isfinite(v).all()) for v in z.values())
     kernel.cleanup()
     assert not module._forward_pre_hooks
+
+
+def test_others_rmsprop_is_bnp_on_layers_and_rmsprop_elsewhere() -> None:
+    """``M`` is block diagonal: plain BNP's blocks on the layer, RMSprop's ``G`` on the rest."""
+    ref, params = _setup(LAYERS[0][1], LAYERS[0][2])
+    pre, plain = BNP(others="rmsprop"), BNP()
+    for p in (pre, plain):
+        p.init(params, num_data=50.0, layers=(ref,))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):  # V averages several gradients
+        grads = {k: torch.randn(v.shape, generator=gen, dtype=DT) * 4 for k, v in params.items()}
+        pre.update(grads)
+        plain.update(grads)
+    assert pre.others is not None
+    g_other = pre.others.diagonal()["other"]
+    drift, drift_plain = pre.drift(grads), plain.drift(grads)
+    torch.testing.assert_close(drift["other"], g_other * grads["other"], rtol=1e-12, atol=0)
+    assert not torch.allclose(drift["other"], grads["other"])  # G is not the identity here
+    xi = {k: torch.randn(v.shape, generator=gen, dtype=DT) for k, v in params.items()}
+    noise, noise_plain = pre.noise(xi), plain.noise(xi)
+    torch.testing.assert_close(noise["other"], g_other.sqrt() * xi["other"], rtol=1e-12, atol=0)
+    for k in ("layer.weight", "layer.bias"):
+        torch.testing.assert_close(drift[k], drift_plain[k], rtol=0, atol=0)
+        torch.testing.assert_close(noise[k], noise_plain[k], rtol=0, atol=0)
+    # freezing freezes G too; a state round trip restores it
+    pre.freeze()
+    assert pre.others.frozen
+    pre.update({k: 100 * v for k, v in grads.items()})
+    torch.testing.assert_close(pre.others.diagonal()["other"], g_other)
+    again = BNP(others="rmsprop")
+    again.init(params, num_data=50.0, layers=(ref,))
+    again.load_state_dict(pre.state_dict())
+    torch.testing.assert_close(again.drift(grads)["other"], drift["other"])
+    assert pre.config()["others"] == "rmsprop" and "others=RMSprop(" in repr(pre)
+    with pytest.raises(ValueError, match="others state"):
+        plain.load_state_dict(pre.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"others": "adam"}, "others must be"),
+        ({"others": None}, "others must be"),
+        ({"others": "rmsprop", "rmsprop": None}, None),
+        ({"others": "rmsprop", "prior_cap": 1.0}, None),
+    ],
+)
+def test_others_validation(kwargs: dict, match: str | None) -> None:
+    if match is None:
+        assert BNP(**kwargs).others is not None
+    else:
+        with pytest.raises(ValueError, match=match):
+            BNP(**kwargs)
+
+
+def test_others_with_rmsprop_is_refused() -> None:
+    from pyro_bnp import RMSprop
+
+    with pytest.raises(ValueError, match="others applies to plain BNP only"):
+        BNP(rmsprop=RMSprop(), others="rmsprop")
