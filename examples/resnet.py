@@ -93,6 +93,13 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 # ----------------------------------------------------------------------------- data
+# Extra methods for ``--also`` (beyond the four samplers): plain BNP with the prior cap, the fix
+# for plain BNP's instability here (the final layer's prior, see docs/experiments/resnet.md).
+EXTRA_METHODS: dict[str, Any] = {"bnp-cap": lambda: pyro_bnp.BNP(prior_cap=1.0)}
+ALL_LABELS = {**LABELS, "bnp-cap": "BNP cap=1"}
+ALL_COLORS = {**COLORS, "bnp-cap": "C4"}
+
+
 def _decode(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -336,9 +343,8 @@ def run_chain(
     b = cfg["batch_size"]
     n = data["x"].shape[0]
     per_epoch = n // b
-    kernel = pyro_bnp.SGLD(
-        net, step_size=step_size, subsample_size={"data": b}, preconditioner=method
-    )
+    pre = EXTRA_METHODS[method]() if method in EXTRA_METHODS else method
+    kernel = pyro_bnp.SGLD(net, step_size=step_size, subsample_size={"data": b}, preconditioner=pre)
     kernel.setup(0, data["x"], data["y"])
     z = kernel.initial_params
     total = max(1, round(epochs * per_epoch))
@@ -420,7 +426,7 @@ def report(results: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     rows = [(LABELS[m], m, steps[m], results["runs"][m]) for m in METHODS]
     for name, runs in results.get("extra_runs", {}).items():
         method, eps = name.split("@")
-        rows.append((f"{LABELS[method]} (extra)", name, float(eps), runs))
+        rows.append((f"{ALL_LABELS[method]} (extra)", name, float(eps), runs))
     table = [header]
     summary: dict[str, Any] = {}
     for label, key_name, eps, runs in rows:
@@ -445,7 +451,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     curves = [(LABELS[m], COLORS[m], "o-", results["runs"][m]) for m in METHODS]
     for name, runs in results.get("extra_runs", {}).items():
         method, eps = name.split("@")
-        curves.append((f"{LABELS[method]} eps={eps}", COLORS[method], "s--", runs))
+        curves.append((f"{ALL_LABELS[method]} eps={eps}", ALL_COLORS[method], "s--", runs))
     for label, color, style, runs in curves:
         for ax, key in zip(axes, ["accuracy", "nll", "ece"], strict=True):
             m, s = summarise(runs, key, epochs)
@@ -469,82 +475,18 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny run for tests (< 60 s)")
-    p.add_argument("--out", type=Path, default=Path("out/resnet"))
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--cache-dir", type=Path, default=None, help="default: <out>/cache")
-    p.add_argument("--train-size", type=int, default=5000)
-    p.add_argument("--val-size", type=int, default=1000, help="pilot validation images")
-    p.add_argument("--test-size", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--draws-per-epoch", type=int, default=2)
-    p.add_argument("--pilot-epochs", type=float, default=1.0)
-    p.add_argument("--no-pilot", action="store_true", help="use the middle of each grid")
-    p.add_argument(
-        "--also",
-        action="append",
-        default=[],
-        metavar="METHOD=EPS",
-        help="extra runs of METHOD at step size EPS (all seeds), e.g. bnp=3.2e-5",
-    )
-    p.add_argument(
-        "--threads", type=int, default=1, help="2 threads on 2 busy cores was 10x slower"
-    )
-    args = p.parse_args(argv)
-    if args.quick:
-        args.train_size, args.val_size, args.test_size = 200, 0, 200
-        args.epochs, args.seeds, args.batch_size = 2, 1, 50
-        args.depth, args.draws_per_epoch, args.no_pilot = 8, 2, True
-    for spec in args.also:
-        method, _, eps_text = spec.partition("=")
-        try:
-            ok = method in METHODS and float(eps_text) > 0
-        except ValueError:
-            ok = False
-        if not ok:
-            p.error(f"--also expects METHOD=EPS with METHOD in {METHODS}, got {spec!r}")
-    for name in ("train_size", "test_size", "val_size"):
-        if getattr(args, name) % 10:
-            p.error(f"--{name.replace('_', '-')} must be a multiple of 10 (class-balanced)")
-    torch.set_num_threads(args.threads)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    lines: list[str] = []
-
-    def log(msg: str) -> None:
-        lines.append(msg)
-        tqdm.write(msg)
-
-    t_start = time.perf_counter()
-    per_class = {"train": (0, args.train_size // 10), "test": (0, args.test_size // 10)}
-    if args.val_size and not args.no_pilot:
-        per_class["train_val"] = (args.train_size // 10, args.val_size // 10)
-    t0 = time.perf_counter()
-    sets = load_cifar(args.data_dir, per_class, args.cache_dir or out / "cache")
-    t_data = time.perf_counter() - t0
-    xtr = sets["train"][0]
-    mean = xtr.reshape(-1, 3).mean(0) / 255.0
-    sd = xtr.reshape(-1, 3).std(0) / 255.0
-    data = {"x": to_tensor(xtr, mean, sd), "y": torch.from_numpy(sets["train"][1])}
-    x_test, y_test = to_tensor(sets["test"][0], mean, sd), torch.from_numpy(sets["test"][1])
-    log(
-        f"data: {len(data['y'])} train / {len(y_test)} test images, decoded or loaded in "
-        f"{t_data:.1f} s; ResNet-{args.depth}, width {args.width}, batch {args.batch_size}, "
-        f"{args.epochs} epochs x {len(data['y']) // args.batch_size} updates, "
-        f"{args.seeds} seed(s), {torch.get_num_threads()} threads"
-    )
-    cfg = {
-        "depth": args.depth,
-        "width": args.width,
-        "batch_size": args.batch_size,
-        "draws_per_epoch": args.draws_per_epoch,
-    }
+def _main_runs(
+    args: argparse.Namespace,
+    sets: dict[str, Any],
+    data: dict[str, Tensor],
+    x_test: Tensor,
+    y_test: Tensor,
+    mean: Any,
+    sd: Any,
+    cfg: dict[str, Any],
+    log: Any,
+) -> dict[str, Any]:
+    """Run the step-size pilot and the chains of the four samplers; return the results."""
     pilot: dict[str, Any] = {}
     steps: dict[str, float] = {}
     if args.no_pilot:
@@ -621,22 +563,137 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pilot": pilot,
         "runs": runs,
     }
-    results["extra_runs"] = {}
+    return results
+
+
+def _previous_results(
+    path: Path, args: argparse.Namespace, cfg: dict[str, Any], n_train: int, n_test: int
+) -> dict[str, Any]:
+    """Load an earlier run's ``results.json`` for ``--extra-only``; refuse another protocol."""
+    if not path.exists():
+        raise SystemExit(f"--extra-only: no earlier run at {path}")
+    results: dict[str, Any] = json.loads(path.read_text())
+    old = results["config"]
+    mine = {**cfg, "train_size": n_train, "test_size": n_test, "epochs": args.epochs,
+            "seeds": args.seeds}  # fmt: skip
+    differ = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
+    if differ:
+        raise SystemExit(f"--extra-only: {path} was made with other settings (old, new): {differ}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny run for tests (< 60 s)")
+    p.add_argument("--out", type=Path, default=Path("out/resnet"))
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--cache-dir", type=Path, default=None, help="default: <out>/cache")
+    p.add_argument("--train-size", type=int, default=5000)
+    p.add_argument("--val-size", type=int, default=1000, help="pilot validation images")
+    p.add_argument("--test-size", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--draws-per-epoch", type=int, default=2)
+    p.add_argument("--pilot-epochs", type=float, default=1.0)
+    p.add_argument("--no-pilot", action="store_true", help="use the middle of each grid")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="METHOD=EPS",
+        help="extra runs of METHOD at step size EPS (all seeds), e.g. bnp=3.2e-5; METHOD is "
+        "one of the four samplers or bnp-cap (BNP(prior_cap=1.0))",
+    )
+    p.add_argument(
+        "--extra-only",
+        action="store_true",
+        help="run only the --also runs and add them to the existing <out>/results.json "
+        "(same data, seeds, epochs and protocol)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="2 threads on 2 busy cores was 10x slower"
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train_size, args.val_size, args.test_size = 200, 0, 200
+        args.epochs, args.seeds, args.batch_size = 2, 1, 50
+        args.depth, args.draws_per_epoch, args.no_pilot = 8, 2, True
+    for spec in args.also:
+        method, _, eps_text = spec.partition("=")
+        try:
+            ok = (method in METHODS or method in EXTRA_METHODS) and float(eps_text) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(
+                f"--also expects METHOD=EPS with METHOD in {[*METHODS, *EXTRA_METHODS]}, "
+                f"got {spec!r}"
+            )
+    for name in ("train_size", "test_size", "val_size"):
+        if getattr(args, name) % 10:
+            p.error(f"--{name.replace('_', '-')} must be a multiple of 10 (class-balanced)")
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        lines.append(msg)
+        tqdm.write(msg)
+
+    t_start = time.perf_counter()
+    per_class = {"train": (0, args.train_size // 10), "test": (0, args.test_size // 10)}
+    if args.val_size and not args.no_pilot:
+        per_class["train_val"] = (args.train_size // 10, args.val_size // 10)
+    t0 = time.perf_counter()
+    sets = load_cifar(args.data_dir, per_class, args.cache_dir or out / "cache")
+    t_data = time.perf_counter() - t0
+    xtr = sets["train"][0]
+    mean = xtr.reshape(-1, 3).mean(0) / 255.0
+    sd = xtr.reshape(-1, 3).std(0) / 255.0
+    data = {"x": to_tensor(xtr, mean, sd), "y": torch.from_numpy(sets["train"][1])}
+    x_test, y_test = to_tensor(sets["test"][0], mean, sd), torch.from_numpy(sets["test"][1])
+    log(
+        f"data: {len(data['y'])} train / {len(y_test)} test images, decoded or loaded in "
+        f"{t_data:.1f} s; ResNet-{args.depth}, width {args.width}, batch {args.batch_size}, "
+        f"{args.epochs} epochs x {len(data['y']) // args.batch_size} updates, "
+        f"{args.seeds} seed(s), {torch.get_num_threads()} threads"
+    )
+    cfg = {
+        "depth": args.depth,
+        "width": args.width,
+        "batch_size": args.batch_size,
+        "draws_per_epoch": args.draws_per_epoch,
+    }
+    if args.extra_only:
+        results = _previous_results(out / "results.json", args, cfg, len(data["y"]), len(y_test))
+        log(f"--extra-only: adding {args.also} to {out / 'results.json'}")
+    else:
+        results = _main_runs(args, sets, data, x_test, y_test, mean, sd, cfg, log)
+    results.setdefault("extra_runs", {})
     for spec in args.also:
         method, eps_text = spec.split("=")
         eps = float(eps_text)
-        extra = results["extra_runs"].setdefault(f"{method}@{eps:.1e}", [])
+        extra: list[dict[str, Any]] = []
+        results["extra_runs"][f"{method}@{eps:.1e}"] = extra  # a rerun replaces, never appends
         for seed in range(args.seeds):
             r = run_chain(
                 method, eps, seed, data, x_test, y_test, cfg, args.epochs,
-                f"{LABELS[method]} eps={eps:.1e} seed {seed}", log,
+                f"{ALL_LABELS[method]} eps={eps:.1e} seed {seed}", log,
             )  # fmt: skip
             extra.append(r)
     table, results["summary"] = report(results)
-    results["seconds_total"] = time.perf_counter() - t_start
+    seconds = time.perf_counter() - t_start
     log("\n".join(table))
-    log(f"total time {results['seconds_total']:.0f} s")
-    results["log"] = lines
+    log(f"total time {seconds:.0f} s")
+    if args.extra_only:  # keep the earlier run's log and time
+        results["seconds_total"] = results.get("seconds_total", 0.0) + seconds
+        results["log"] = [*results.get("log", []), *lines]
+    else:
+        results["seconds_total"], results["log"] = seconds, lines
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=1, allow_nan=True)
     plot(results, out / "resnet_metrics.png")

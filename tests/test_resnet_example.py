@@ -110,3 +110,27 @@ def test_resnet_quick(tmp_path):
     assert all(d["q2"] >= 1.0 for d in check["describe"].values())
     png = tmp_path / "resnet_metrics.png"
     assert png.exists() and png.stat().st_size > 10_000
+
+    # --extra-only adds runs (here the capped BNP) to this results.json, keeping the rest
+    common = ("--quick", "--out", tmp_path, "--data-dir", data_dir)
+    run_example("resnet", *common, "--extra-only", "--also", "bnp-cap=1e-4", timeout=120)
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["runs"] == results["runs"] and again["pilot"] == results["pilot"]
+    (extra,) = again["extra_runs"]["bnp-cap@1.0e-04"]
+    assert extra["failed"] is None and len(extra["history"]) == results["config"]["epochs"]
+    assert "bnp-cap@1.0e-04" in again["summary"] and len(again["log"]) > len(results["log"])
+
+
+def test_extra_only_refuses_another_protocol(ex, tmp_path):
+    import argparse
+
+    cfg = {"depth": 8, "width": 16, "batch_size": 50, "draws_per_epoch": 2}
+    old = {**cfg, "train_size": 200, "test_size": 200, "epochs": 2, "seeds": 1}
+    path = tmp_path / "results.json"
+    with pytest.raises(SystemExit, match="no earlier run"):
+        ex._previous_results(path, argparse.Namespace(epochs=2, seeds=1), cfg, 200, 200)
+    path.write_text(json.dumps({"config": old, "runs": {}}))
+    same = ex._previous_results(path, argparse.Namespace(epochs=2, seeds=1), cfg, 200, 200)
+    assert same["config"] == old
+    with pytest.raises(SystemExit, match="epochs"):
+        ex._previous_results(path, argparse.Namespace(epochs=3, seeds=1), cfg, 200, 200)
