@@ -34,7 +34,34 @@ JSON: ``methods`` holds NUTS and the three contenders of the original benchmark 
 ``psgld``, ``bnp``), ``more_methods`` the later ones (``bnp+rmsprop``); ``summary`` has a row
 for each.
 
-Run ``python benchmarks/bench_nuts.py [--quick]``.
+**Larger training sets** (``--n-train N``; default 10,000, the size everything above was
+chosen at; ``make bench`` and ``--quick`` do not use it). The question: does the speed-up over
+NUTS grow with ``N``? A full-data gradient costs ``O(N)``, an SGLD update does not. Nothing is
+re-tuned at the new ``N``; the settings above are carried over by this rule, fixed in advance
+(before any run at ``N != 10,000``) and not tuned on the reported seed or test rows:
+
+* **step sizes**: every contender's ``eps0`` becomes ``eps0 * 1e4 / N`` (the log-density
+  gradient grows like ``N``, so this keeps ``eps * N``, the step in units of the per-datum
+  curvature, fixed; RMSprop's ``V`` uses per-datum gradients, so it does not absorb the
+  factor ``N``). ``t0``, ``gamma``, batch size, thin and burn-in are unchanged;
+* **NUTS**: the same ``NUTS_SETTINGS``; its CPU budget becomes ``NUTS_BUDGET_S * N / 1e4``
+  (a full-data gradient costs about ``N`` times more, so NUTS can afford about the same number
+  of gradients as at ``N = 1e4``; more if its fixed overheads do not grow);
+* **SGLD cap**: ``max(SGLD_CAP_S, c / CAP_DIVISOR)`` CPU seconds per contender, ``c`` NUTS's
+  CPU time to the target (its elapsed CPU time if it has none), ``CAP_DIVISOR = 5``: any
+  speed-up of ``SPEEDUP_TARGET`` (10x) or more is seen, and speed-ups down to 5x are measured
+  rather than bounded. At ``N = 1e4`` this is always ``SGLD_CAP_S`` (``c <= NUTS_BUDGET_S``);
+* **unchanged**: chain seed 0, the initial network, 1,000 test rows drawn from the same
+  teacher right after the training rows, the target rule (NUTS final running NLL +
+  ``TOLERANCE``) and the clocks.
+
+``--contenders a,b`` runs a subset of ``CONTENDERS`` (to keep a large-``N`` run within a wall
+time budget; the JSON records which ran). ``--out`` defaults to
+``benchmarks/results/nuts_n{N}.json`` when ``N != 10,000``. NUTS's output also counts its
+potential-energy evaluations (each with a gradient; ``gradients``, and ``gradients_trace`` per
+post-warmup draw) and its CPU time per evaluation (tree building and adaptation included).
+
+Run ``python benchmarks/bench_nuts.py [--quick] [--n-train N] [--contenders a,b]``.
 """
 
 from __future__ import annotations
@@ -66,6 +93,8 @@ TOLERANCE = 0.05
 FALLBACK_TOLERANCE = 0.1
 NOISE = 0.1
 SPEEDUP_TARGET = 10.0
+REFERENCE_N = 10_000  # the training-set size the settings were chosen at (scan_nuts.py)
+CAP_DIVISOR = 5.0  # SGLD cap at N != REFERENCE_N: max(SGLD_CAP_S, NUTS CPU to target / this)
 BURNIN_FRACTIONS = (0.0, 0.5, 0.8, 0.9)  # evaluated side by side (off the clock) in the scan
 
 
@@ -133,6 +162,22 @@ ORIGINAL_METHODS = ("sgld", "psgld", "bnp")  # the JSON field "methods" (tests p
 
 class _Stop(Exception):
     pass
+
+
+def scaled_contenders(n_train: int, names: Sequence[str] | None = None) -> dict[str, SGLDConfig]:
+    """``CONTENDERS`` (or the subset ``names``, in that order) with ``eps0 * REFERENCE_N / N``.
+
+    The rule of the module docstring: nothing else changes. At ``N = REFERENCE_N`` the configs
+    are returned unchanged.
+    """
+    names = list(CONTENDERS) if names is None else list(names)
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise ValueError(f"unknown contenders {unknown}; choose from {list(CONTENDERS)}")
+    if n_train == REFERENCE_N:
+        return {n: CONTENDERS[n] for n in names}
+    factor = REFERENCE_N / n_train
+    return {n: dataclasses.replace(CONTENDERS[n], eps0=CONTENDERS[n].eps0 * factor) for n in names}
 
 
 def make_data(n_train: int, n_test: int, seed: int = 0, n_val: int = 0) -> dict[str, Any]:
@@ -259,6 +304,21 @@ def run_nuts(
     trace: Trace = []
     by_burnin: list[dict[str, float]] = []
     state: dict[str, Any] = {"pred": None, "warmup_s": math.nan, "warmup_cpu_s": math.nan}
+    grads = [0]  # potential-energy evaluations (each with a gradient: leapfrog steps, set-up)
+    grads_trace: list[int] = []  # ... at each post-warmup draw
+    setup = kernel.setup
+
+    def counting_setup(*args: Any, **kwargs: Any) -> None:
+        setup(*args, **kwargs)
+        potential = kernel.potential_fn
+
+        def counted(params: Mapping[str, Tensor]) -> Tensor:
+            grads[0] += 1
+            return potential(params)
+
+        kernel.potential_fn = counted
+
+    kernel.setup = counting_setup  # type: ignore[method-assign]
     pyro.set_rng_seed(seed)
     clock = Clock()
 
@@ -271,6 +331,7 @@ def run_nuts(
                 state["warmup_s"], state["warmup_cpu_s"] = clock.now(pred)
             pred.add(params)
             trace.append((*clock.now(pred), pred.n, pred.nll(cfg.burnin)))
+            grads_trace.append(grads[0])
             if fractions:
                 by_burnin.append(_by_burnin(pred, fractions))
         if clock.now(pred)[1] > budget_s:
@@ -307,6 +368,9 @@ def run_nuts(
         "draws": len(trace),
         "trace": trace,
         "final_nll": trace[-1][3] if trace else math.nan,
+        "gradients": grads[0],
+        "gradients_trace": grads_trace,
+        "cpu_per_gradient_s": cpu / grads[0] if grads[0] else math.nan,
     }
     if fractions:
         out["trace_by_burnin"] = by_burnin
@@ -406,15 +470,26 @@ def first_row(trace: Trace, target: float) -> tuple[float, float, int, float] | 
     return next((t for t in trace if t[3] <= target), None)
 
 
-def run(quick: bool = False, threads: int = 1) -> dict[str, Any]:
+def run(
+    quick: bool = False,
+    threads: int = 1,
+    n_train: int = REFERENCE_N,
+    contenders_only: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; ``n_train != REFERENCE_N`` applies the docstring's scaling rule."""
     set_threads(threads)
+    if quick and n_train != REFERENCE_N:
+        raise ValueError("--quick uses its own tiny data; do not combine it with --n-train")
+    if n_train < 1:
+        raise ValueError(f"n_train must be positive, got {n_train}")
+    configs = scaled_contenders(n_train, contenders_only)
     if quick:
         n_train, n_test, nuts_cfg = 500, 100, dataclasses.replace(NUTS_SETTINGS, warmup=10)
         nuts_budget, sgld_cap = 2.0, 1.0
         nuts_cfg = dataclasses.replace(nuts_cfg, max_tree_depth=3, jit=False)
     else:
-        n_train, n_test, nuts_cfg = 10_000, 1_000, NUTS_SETTINGS
-        nuts_budget, sgld_cap = NUTS_BUDGET_S, SGLD_CAP_S
+        n_test, nuts_cfg = 1_000, NUTS_SETTINGS
+        nuts_budget, sgld_cap = NUTS_BUDGET_S * n_train / REFERENCE_N, SGLD_CAP_S
     data = make_data(n_train, n_test)
     torch.manual_seed(1)
     net = mlp([5, 50, 1], nn.Tanh)
@@ -425,9 +500,13 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, Any]:
     else:
         target = data["oracle_nll"] + FALLBACK_TOLERANCE
         rule = f"NUTS made no post-warmup draw; oracle NLL + {FALLBACK_TOLERANCE}"
-    configs = dict(CONTENDERS)
     if quick:  # tiny data: batches no larger than 128 rows
         configs = {k: dataclasses.replace(c, batch=min(c.batch, 128)) for k, c in configs.items()}
+    # the cap rule (docstring); at N = REFERENCE_N it is SGLD_CAP_S (NUTS CPU <= its budget)
+    nuts_c = nuts["cpu_to_target_s"] = first_time(nuts["trace"], target, cpu=True)
+    sgld_cap = max(
+        sgld_cap, (nuts_c if math.isfinite(nuts_c) else nuts["elapsed_cpu_s"]) / CAP_DIVISOR
+    )
     contenders = [
         run_sgld(data, net, name, cfg, target=target, cap_s=sgld_cap)
         for name, cfg in configs.items()
@@ -495,6 +574,21 @@ def run(quick: bool = False, threads: int = 1) -> dict[str, Any]:
         "target_rule": rule,
         "nuts_budget_cpu_s": nuts_budget,
         "sgld_cap_cpu_s": sgld_cap,
+        "contenders": list(configs),
+        "scaling_rule": {
+            "reference_n_train": REFERENCE_N,
+            "n_train": n_train,
+            "step_size": "eps0 * reference_n_train / n_train for every contender; t0, gamma, "
+            "batch, thin, burn-in unchanged",
+            "step_size_factor": REFERENCE_N / n_train if not quick else 1.0,
+            "eps0_at_reference": {k: CONTENDERS[k].eps0 for k in configs},
+            "eps0_used": {k: c.eps0 for k, c in configs.items()},
+            "nuts": "NUTS_SETTINGS unchanged; CPU budget NUTS_BUDGET_S * n_train / "
+            "reference_n_train",
+            "sgld_cap": f"max(SGLD_CAP_S, NUTS CPU time to target / {CAP_DIVISOR:g}) CPU s",
+            "unchanged": "seed 0, initial network, 1,000 test rows after the training rows "
+            "(same teacher), target = NUTS final running NLL + TOLERANCE",
+        },
         "selection": "benchmarks/scan_nuts.py -> benchmarks/results/nuts_scan.json (seed 1, "
         "validation rows); this run: seed 0, test rows",
         "methods": [nuts, *(m for m in contenders if m["method"] in ORIGINAL_METHODS)],
@@ -514,9 +608,28 @@ def _speedup(nuts_t: float, t: float) -> float:
 
 def main() -> None:
     parser = bench_parser(__doc__, "nuts")
+    parser.set_defaults(out=None)
+    parser.add_argument(
+        "--n-train",
+        type=int,
+        default=REFERENCE_N,
+        help=f"training rows (default {REFERENCE_N}); other sizes use the docstring's scaling rule",
+    )
+    parser.add_argument(
+        "--contenders", default="", help="comma-separated subset of " + ",".join(CONTENDERS)
+    )
     args = parser.parse_args()
-    result = run(args.quick, args.threads)
-    report(result, args.out)
+    if args.quick and args.n_train != REFERENCE_N:
+        parser.error("--quick uses its own tiny data; do not combine it with --n-train")
+    names = [n for n in args.contenders.split(",") if n] or None
+    if names and sorted(set(names) - set(CONTENDERS)):
+        parser.error(f"unknown contenders; choose from {list(CONTENDERS)}")
+    out = args.out
+    if out is None:
+        suffix = "" if args.n_train == REFERENCE_N else f"_n{args.n_train}"
+        out = f"benchmarks/results/nuts{suffix}.json"
+    result = run(args.quick, args.threads, n_train=args.n_train, contenders_only=names)
+    report(result, out)
 
 
 if __name__ == "__main__":
