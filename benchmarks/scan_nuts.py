@@ -30,6 +30,8 @@ worse: the optimum is inside the grid after all) and, for plain SGLD and BNP (no
 1), the manual choice of session 1 plus larger initial steps with fast decay. Pass 2 for
 BNP+RMSprop was skipped to save CPU time (pSGLD's pass 2 showed the neighbours of the shared
 best schedule to be worse). Both passes use seed 1 and the validation rows only.
+Session 3 added a contender, ``bnp-others`` (``BNP(others="rmsprop")``), scanned once over
+plain BNP's two grids together (``GRID["bnp-others"]``) under the same rule, seed and rows.
 
 One run per configuration (a budget of about 25 CPU minutes on a shared 2-core machine), so
 close calls are noise; the JSON keeps every run's trace. Copy the ``selected`` entries into
@@ -87,6 +89,8 @@ GRID: Grid = {
     "psgld": ("rmsprop", _RMS),
     "bnp": ("bnp", _PLAIN),
     "bnp+rmsprop": ("bnp+rmsprop", []),  # pass 2 skipped (budget): pSGLD's pass 2 lost
+    # session 3, a new contender: plain BNP's two grids (its layers set the stable step size)
+    "bnp-others": ("bnp-others", _PLAIN1 + _PLAIN),
 }
 BATCHES = (128, 512)
 
