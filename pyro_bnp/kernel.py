@@ -869,11 +869,15 @@ class SGLD(MCMCKernel):
         return out
 
     def _evaluate(
-        self, z: Mapping[str, Tensor], norms: Mapping[str, float] | None = None
+        self,
+        z: Mapping[str, Tensor],
+        norms: Mapping[str, float] | None = None,
+        snapshot: list[tuple[Any, ...]] | None = None,
     ) -> tuple[float, dict[str, Tensor]]:
         """Mini-batch log joint (unconstrained, with log-det-Jacobians) and ``grad U_hat``.
 
         ``norms``: the Euclidean norm of each ``z[name]``, if the caller has them.
+        ``snapshot``: the layer statistics before this evaluation, if the caller took them.
         """
         leaves = {k: v.detach().requires_grad_() for k, v in z.items()}
         values: dict[str, Tensor] = {}
@@ -902,7 +906,8 @@ class SGLD(MCMCKernel):
                 # PyroSample weights: put the values in the module's per-call cache, so their
                 # sample statements never run; their log prior is added below.
                 ctx: Any = getattr(self.model, "_pyro_context")  # noqa: B009 (typed as Callable)
-                snapshot = self._stats_snapshot() if live else None
+                if snapshot is None and live:
+                    snapshot = self._stats_snapshot()
                 with ctx:
                     for name, site in sites.items():
                         ctx.cache[site.fullname] = values[name]
@@ -1047,9 +1052,9 @@ class SGLD(MCMCKernel):
                 # makes a non-finite log density, i.e. a rejected step, not an exception.
                 if is_validation_enabled():
                     with pyro.validation_enabled(False):
-                        lp, grads = self._evaluate(z_new, norms)
+                        lp, grads = self._evaluate(z_new, norms, snapshot)
                 else:
-                    lp, grads = self._evaluate(z_new, norms)
+                    lp, grads = self._evaluate(z_new, norms, snapshot)
                 gnorm = _norm(grads)  # one pass: finiteness check and the recorded norm
                 finite = math.isfinite(lp) and math.isfinite(gnorm)
             if finite:

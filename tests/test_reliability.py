@@ -203,8 +203,8 @@ def test_rejected_proposal_leaves_layer_statistics_unchanged():
     }
     real = kernel._evaluate
 
-    def evaluate_then_fail(z, norms=None):
-        lp, grads = real(z, norms)  # the hooks observe this forward pass
+    def evaluate_then_fail(z, *args):
+        lp, grads = real(z, *args)  # the hooks observe this forward pass
         return float("nan"), grads
 
     kernel._evaluate = evaluate_then_fail  # type: ignore[method-assign]
