@@ -27,7 +27,8 @@ Three parts, each for every setting:
    from the batch statistics of the evaluation rows), with ``kappa(D)`` of the layer inputs.
    BNP's blocks are measured at ``eps1 = 1e-2`` (BNP's default) and ``eps1 = 0``: the floor caps
    the rescaling BNP can do at ``kappa(D) <= sqrt(1 + 1 / eps1)``. On the severe linear model
-   BNP-SGLD is also *run* with ``eps1 = 0`` (an extra method, ``bnp_eps1_0``).
+   BNP-SGLD is also *run* with ``eps1 = 0`` (an extra method, ``bnp_eps1_0``); on the BNN,
+   ``BNP(others="rmsprop")`` is run too (``bnp_others``: RMSprop on ``sigma``, session 3).
 
 Every method gets the same budget of updates (mini-batches of 100 of 2000 rows; default 3000),
 ``--seeds`` seeds (default 3) and a step size picked from a small per-method grid (``GRIDS``) by
@@ -70,8 +71,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 EXTRA = "bnp_eps1_0"  # BNP-SGLD with eps1 = 0, run on the severe linear model only
-LABELS = {**_common.LABELS, EXTRA: "BNP-SGLD, eps1=0"}
-COLORS = {**_common.COLORS, EXTRA: "C4"}
+OTHERS = "bnp_others"  # BNP(others="rmsprop"): RMSprop on the BNN's sigma, run on the BNN only
+LABELS = {**_common.LABELS, EXTRA: "BNP-SGLD, eps1=0", OTHERS: "BNP, others=RMSprop"}
+COLORS = {**_common.COLORS, EXTRA: "C4", OTHERS: "C5"}
 SETTINGS = {
     "moderate": np.logspace(math.log10(0.3), math.log10(3.0), 5).tolist(),
     "severe": np.logspace(-2.0, 2.0, 5).tolist(),
@@ -100,6 +102,7 @@ GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
             "rmsprop": [3e-6] + _EC["bnn"]["rmsprop"],
             "bnp": _EC["bnn"]["bnp"],  # 3e-5 diverges, 2e-5 in some seeds
             "bnp+rmsprop": _EC["bnn"]["bnp+rmsprop"],
+            OTHERS: _EC["bnn"]["bnp-others"],
         },
     },
     "severe": {
@@ -115,6 +118,7 @@ GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
             "rmsprop": [1e-5, 3e-5, 1e-4, 3e-4],
             "bnp": [3e-6, 1e-5, 3e-5, 1e-4],  # 3e-4 diverges, 3e-5 in some seeds
             "bnp+rmsprop": [3e-5, 1e-4, 3e-4],
+            OTHERS: [3e-6, 1e-5, 3e-5, 1e-4],  # plain BNP's grid
         },
     },
 }
@@ -285,6 +289,8 @@ def make_preconditioner(method: str) -> str | pyro_bnp.Preconditioner:
     """Return the kernel's ``preconditioner`` argument for ``method``."""
     if method == EXTRA:
         return pyro_bnp.BNP(eps1=0.0)
+    if method == OTHERS:
+        return pyro_bnp.BNP(others="rmsprop")
     return method
 
 
@@ -444,8 +450,12 @@ def pilot(problem: Problem, setting: str, method: str, budget: int) -> dict:
 
 
 def method_list(setting: str, problem: str) -> list[str]:
-    """Return the four methods, plus BNP-SGLD with ``eps1 = 0`` on the severe linear model."""
-    return METHODS + ([EXTRA] if (setting, problem) == ("severe", "linreg") else [])
+    """Return the four methods plus the extras of a setting and problem.
+
+    BNP-SGLD with ``eps1 = 0`` on the severe linear model, ``BNP(others="rmsprop")`` on the BNN.
+    """
+    extra = [EXTRA] if (setting, problem) == ("severe", "linreg") else []
+    return METHODS + extra + ([OTHERS] if problem == "bnn" else [])
 
 
 def main() -> None:
@@ -535,7 +545,7 @@ def main() -> None:
                 res_m["early"][k] = _stat(arr[:, early])
             if runs[0]["cond"]:
                 res_m["condition"] = summarize_cond(runs)
-            (entry["extra"] if m == EXTRA else entry["methods"])[m] = res_m
+            (entry["extra"] if m in (EXTRA, OTHERS) else entry["methods"])[m] = res_m
         if p == "linreg":
             entry["posterior_sd"] = prob.cov.diagonal().sqrt().tolist()
         results["results"][f"{s}/{p}"] = entry
@@ -591,7 +601,7 @@ def print_tables(results: dict, t_early: int) -> None:
         e = res[f"{s}/bnn"]
         print(f"\n[{s} / bnn] test NLL of the running posterior predictive (noise floor ~0.22)")
         print(f"{'method':<18}{'eps':>8} | {'@' + str(t_early):>14} | {'final':>14} | fail")
-        for m, r in e["methods"].items():
+        for m, r in {**e["methods"], **e["extra"]}.items():
             print(
                 f"{LABELS[m]:<18}{r['eps']:>8.1e} | {_fmt(r['early']['nll']):>14} | "
                 f"{_fmt(r['final']['nll']):>14} | {r['failed']}"
@@ -666,7 +676,7 @@ def plot_bnn(results: dict, checks: np.ndarray, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for ax, s in zip(axes[0], SETTINGS, strict=True):
         e = results["results"][f"{s}/bnn"]
-        for m, r in e["methods"].items():
+        for m, r in {**e["methods"], **e.get("extra", {})}.items():
             c = r["curves"]["nll"]
             mean, sd = np.array(c["mean"], dtype=float), np.array(c["sd"], dtype=float)
             ax.plot(checks, mean, color=COLORS[m], label=f"{LABELS[m]} ({r['eps']:.2g})")

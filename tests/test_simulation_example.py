@@ -48,6 +48,8 @@ def test_simulation_quick(tmp_path):
     # block, and without the floor (eps1 = 0) by far more (about kappa(D)^2)
     severe = results["results"]["severe/linreg"]
     assert "bnp_eps1_0" in severe["extra"]
+    for setting in ("moderate", "severe"):
+        assert set(results["results"][f"{setting}/bnn"]["extra"]) == {"bnp_others"}
     for m in ("identity", "bnp"):
         cond = severe["methods"][m]["condition"]
         for kind in ("hessian", "fisher"):
