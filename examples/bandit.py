@@ -44,6 +44,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import _bandit_problems as bp
 import _common
@@ -63,12 +64,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 POLICIES = ["uniform", "greedy", *METHODS]
-SAMPLERS = {  # policy -> (preconditioner, temperature)
+# policies run only when named with --policies (not tuned: they reuse another policy's lr)
+EXTRA_POLICIES = ["bnp-cap"]
+SAMPLERS: dict[str, tuple[Any, float]] = {  # policy -> (preconditioner, temperature)
     "greedy": ("rmsprop", 0.0),
     "identity": ("identity", 1.0),
     "rmsprop": ("rmsprop", 1.0),
     "bnp": ("bnp", 1.0),
     "bnp+rmsprop": ("bnp+rmsprop", 1.0),
+    # BNP with the prior cap (the stiff-prior failure below); a fresh object per refit
+    "bnp-cap": (lambda: pyro_bnp.BNP(prior_cap=1.0), 1.0),
 }
 HIDDEN, REWARD_SCALE, DELTA = 50, 10.0, 0.7
 REFIT_EVERY, UPDATES, BATCH, DRAW_GAP = 25, 160, 64, 4
@@ -86,6 +91,7 @@ LR = {
         "rmsprop": 3e-3,
         "bnp": 1e-3,
         "bnp+rmsprop": 1e-3,
+        "bnp-cap": 1e-3,  # plain BNP's, not tuned
     },
     "wheel": {
         "greedy": 3e-4,
@@ -93,9 +99,10 @@ LR = {
         "rmsprop": 3e-3,
         "bnp": 1e-2,
         "bnp+rmsprop": 3e-3,
+        "bnp-cap": 1e-2,  # plain BNP's, not tuned
     },
 }
-COLORS = {"uniform": "0.6", "greedy": "k", **_common.COLORS}
+COLORS = {"uniform": "0.6", "greedy": "k", **_common.COLORS, "bnp-cap": "C4"}
 
 
 class RewardNet(PyroModule):
@@ -142,7 +149,7 @@ def refit(net, policy, lr, x, a, r, z):
         net,
         step_size=2.0 * lr / t,
         subsample_size={"data": min(BATCH, t)},
-        preconditioner=pre,
+        preconditioner=pre() if callable(pre) else pre,
         temperature=temperature,
     )
     if z is not None:
@@ -288,25 +295,34 @@ def main() -> None:
         "--grid", default=None, help="comma-separated lr values for --tune (default TUNE_GRID)"
     )
     parser.add_argument(
-        "--policies", default=None, help="comma-separated policies for --tune (default all)"
+        "--policies",
+        default=None,
+        help="comma-separated policies (default: the standard ones; also "
+        + ",".join(EXTRA_POLICIES)
+        + ")",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
     data_dir = Path(args.data_dir)
     problems = ["mushroom", "wheel"] if args.problem == "both" else [args.problem]
+    known = [*POLICIES, *EXTRA_POLICIES]
+    chosen = args.policies.split(",") if args.policies else None
+    if chosen and sorted(set(chosen) - set(known)):
+        parser.error(f"--policies: unknown {sorted(set(chosen) - set(known))}; choose from {known}")
     if args.tune:
         grid = [float(v) for v in args.grid.split(",")] if args.grid else TUNE_GRID
-        policies = args.policies.split(",") if args.policies else list(SAMPLERS)
+        policies = [p for p in (chosen or SAMPLERS) if p in SAMPLERS]
         tune(problems, policies, data_dir, grid)
         return
+    policies = chosen or POLICIES
     n = args.rounds or (QUICK_ROUNDS if args.quick else FULL_ROUNDS)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    jobs = [(p, s, pol) for p in problems for s in seeds for pol in POLICIES]
-    raw: dict[str, dict[str, list[dict]]] = {p: {pol: [] for pol in POLICIES} for p in problems}
+    jobs = [(p, s, pol) for p in problems for s in seeds for pol in policies]
+    raw: dict[str, dict[str, list[dict]]] = {p: {pol: [] for pol in policies} for p in problems}
     rounds_cache: dict[tuple[str, int], bp.Rounds] = {}
     bar = tqdm(jobs, desc="runs", file=sys.stderr)
     for problem, seed, policy in bar:
@@ -318,7 +334,7 @@ def main() -> None:
         raw[problem][policy].append(run_policy(policy, rounds_cache[key], seed, lr))
     elapsed = time.perf_counter() - start
 
-    results = {p: {pol: summarize(raw[p][pol], n) for pol in POLICIES} for p in problems}
+    results = {p: {pol: summarize(raw[p][pol], n) for pol in policies} for p in problems}
     print(f"\n{len(seeds)} seed(s), {n} rounds; cumulative regret at the last round (mean ± sd)")
     header = (
         f"{'problem':9} {'policy':12} {'lr':>7} {'cum. regret':>17} {'late/round':>10} "
@@ -326,7 +342,7 @@ def main() -> None:
     )
     print(header)
     for p in problems:
-        for pol in POLICIES:
+        for pol in policies:
             s = results[p][pol]
             lr = LR[p].get(pol)
             lr_txt = "-" if lr is None else f"{lr:.0e}"

@@ -87,3 +87,13 @@ def test_quick_run(tmp_path):
     png = tmp_path / "bandit_regret.png"
     assert png.exists() and png.stat().st_size > 5_000
     assert "bnp+rmsprop" in proc.stdout
+
+
+def test_extra_policy_runs_only_when_named(tmp_path):
+    """``--policies bnp-cap`` runs BNP with the prior cap (on the wheel: no data files needed)."""
+    args = ("--quick", "--problem", "wheel", "--policies", "bnp-cap", "--out", tmp_path)
+    run_example("bandit", *args, timeout=300)
+    out = json.loads((tmp_path / "results.json").read_text())
+    (res,) = out["results"].values()
+    assert set(res) == {"bnp-cap"}
+    assert all(math.isfinite(v) for v in res["bnp-cap"]["cum_regret_mean"])
