@@ -292,3 +292,32 @@ def test_others_with_rmsprop_is_refused() -> None:
 
     with pytest.raises(ValueError, match="others applies to plain BNP only"):
         BNP(rmsprop=RMSprop(), others="rmsprop")
+
+
+def test_others_combines_with_prior_cap() -> None:
+    """``prior_cap`` acts on the layers only, ``others`` on the other sites only: together, the
+    layers move exactly as with the cap alone and the other site as under RMSprop."""
+    ref, params = _setup(LAYERS[0][1], LAYERS[0][2])
+    both, cap = BNP(prior_cap=1.0, others="rmsprop"), BNP(prior_cap=1.0)
+    priors = {"layer": (1.0, 1e-4)}  # a stiff weight prior: the cap engages
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    for p in (both, cap):
+        p.init(params, num_data=50.0, layers=(ref,))
+        p.set_priors(priors)
+        p.update(grads)
+    eps = 1e-2
+    a = both.step(params, grads, eps, 1.0, torch.Generator().manual_seed(9))
+    b = cap.step(params, grads, eps, 1.0, torch.Generator().manual_seed(9))
+    plain = BNP()
+    plain.init(params, num_data=50.0, layers=(ref,))
+    plain.update(grads)
+    assert plain.prior_stability(eps, priors)["layer"] > 2.0  # unstable without the cap
+    assert cap.prior_stability(eps, priors)["layer"] <= 1.0 + 1e-9
+    for k in ("layer.weight", "layer.bias"):
+        assert torch.equal(a[k], b[k]), k
+    assert both.others is not None
+    g = both.others.diagonal()["other"]
+    xi = torch.Generator().manual_seed(9)
+    noise = {k: torch.randn(params[k].shape, generator=xi, dtype=DT) for k in sorted(params)}
+    expected = params["other"] + math.sqrt(eps) * g.sqrt() * noise["other"] - eps / 2 * g
+    torch.testing.assert_close(a["other"], expected, rtol=1e-12, atol=1e-14)
