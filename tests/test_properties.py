@@ -20,7 +20,7 @@ from pyro.infer import MCMC
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
-from pyro_bnp import SGLD, schedules
+from pyro_bnp import BNP, SGLD, schedules
 
 settings.register_profile(
     "ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -84,7 +84,7 @@ VALID = {
     "subsample": st.one_of(
         st.none(), st.integers(1, 45), st.builds(lambda b: {"data": b}, st.integers(1, 45))
     ),
-    "precond": st.sampled_from(["identity", "rmsprop", "bnp", "bnp+rmsprop"]),
+    "precond": st.sampled_from(["identity", "rmsprop", "bnp", "bnp+rmsprop", "bnp-others"]),
 }
 INVALID = {
     "step": st.sampled_from(
@@ -130,7 +130,9 @@ def test_any_arguments_run_or_fail_clearly(layout, n, d, dtype, broken, data, se
         try:
             kernel = SGLD(
                 model, step_size=args["step"], subsample_size=args["subsample"],
-                preconditioner=args["precond"], temperature=args["temperature"],
+                preconditioner=BNP(others="rmsprop")
+                if args["precond"] == "bnp-others" else args["precond"],
+                temperature=args["temperature"],
                 thin=args["thin"],
             )  # fmt: skip
             mcmc = MCMC(kernel, num_samples=4, warmup_steps=3, disable_progbar=True)
