@@ -44,7 +44,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import _bandit_problems as bp
 import _common
@@ -66,14 +65,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 POLICIES = ["uniform", "greedy", *METHODS]
 # policies run only when named with --policies (not tuned: they reuse another policy's lr)
 EXTRA_POLICIES = ["bnp-cap"]
-SAMPLERS: dict[str, tuple[Any, float]] = {  # policy -> (preconditioner, temperature)
+SAMPLERS: dict[str, tuple[str, float]] = {  # policy -> (preconditioner, temperature)
     "greedy": ("rmsprop", 0.0),
     "identity": ("identity", 1.0),
     "rmsprop": ("rmsprop", 1.0),
     "bnp": ("bnp", 1.0),
     "bnp+rmsprop": ("bnp+rmsprop", 1.0),
-    # BNP with the prior cap (the stiff-prior failure below); a fresh object per refit
-    "bnp-cap": (lambda: pyro_bnp.BNP(prior_cap=1.0), 1.0),
+    "bnp-cap": ("bnp-cap", 1.0),  # BNP with the prior cap (the stiff-prior failure below)
 }
 HIDDEN, REWARD_SCALE, DELTA = 50, 10.0, 0.7
 REFIT_EVERY, UPDATES, BATCH, DRAW_GAP = 25, 160, 64, 4
@@ -149,7 +147,7 @@ def refit(net, policy, lr, x, a, r, z):
         net,
         step_size=2.0 * lr / t,
         subsample_size={"data": min(BATCH, t)},
-        preconditioner=pre() if callable(pre) else pre,
+        preconditioner=_common.preconditioner(pre),
         temperature=temperature,
     )
     if z is not None:

@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import _common
 import matplotlib
 import numpy as np
 import pyro
@@ -72,9 +73,6 @@ GRIDS = {
         "bnp-others": [1e-5, 3e-5, 1e-4],
     },
 }
-# Beyond the four samplers: BNP on the layers with RMSprop on the other sites (the BNN's sigma;
-# the linear regression has none, so there it would be plain BNP).
-EXTRA = {"bnp-others": lambda: pyro_bnp.BNP(others="rmsprop")}
 
 
 class LinReg(PyroModule):
@@ -157,7 +155,7 @@ def run_one(problem, method: str, eps: float, seed: int, budget: int) -> dict:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = factory()
-    pre = EXTRA[method]() if method in EXTRA else method
+    pre = _common.preconditioner(method)  # bnp-others: BNP on the layers, RMSprop on sigma
     kernel = pyro_bnp.SGLD(model, step_size=eps, subsample_size={"data": BATCH}, preconditioner=pre)
     trace: list[float] = []
 

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common
 import matplotlib
 import numpy as np
 import pyro
@@ -92,12 +93,13 @@ GN_GROUPS = 8
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-# ----------------------------------------------------------------------------- data
-# Extra methods for ``--also`` (beyond the four samplers): plain BNP with the prior cap, the fix
-# for plain BNP's instability here (the final layer's prior, see docs/experiments/resnet.md).
-EXTRA_METHODS: dict[str, Any] = {"bnp-cap": lambda: pyro_bnp.BNP(prior_cap=1.0)}
+# ``--also`` also takes ``bnp-cap`` (``_common.EXTRA_PRECONDITIONERS``): plain BNP with the prior
+# cap, the fix for plain BNP's instability here (the final layer's prior; see resnet.md)
 ALL_LABELS = {**LABELS, "bnp-cap": "BNP cap=1"}
 ALL_COLORS = {**COLORS, "bnp-cap": "C4"}
+
+
+# ----------------------------------------------------------------------------- data
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -343,7 +345,7 @@ def run_chain(
     b = cfg["batch_size"]
     n = data["x"].shape[0]
     per_epoch = n // b
-    pre = EXTRA_METHODS[method]() if method in EXTRA_METHODS else method
+    pre = _common.preconditioner(method)
     kernel = pyro_bnp.SGLD(net, step_size=step_size, subsample_size={"data": b}, preconditioner=pre)
     kernel.setup(0, data["x"], data["y"])
     z = kernel.initial_params
@@ -624,13 +626,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for spec in args.also:
         method, _, eps_text = spec.partition("=")
         try:
-            ok = (method in METHODS or method in EXTRA_METHODS) and float(eps_text) > 0
+            ok = (method in METHODS or method == "bnp-cap") and float(eps_text) > 0
         except ValueError:
             ok = False
         if not ok:
             p.error(
-                f"--also expects METHOD=EPS with METHOD in {[*METHODS, *EXTRA_METHODS]}, "
-                f"got {spec!r}"
+                f"--also expects METHOD=EPS with METHOD in {[*METHODS, 'bnp-cap']}, got {spec!r}"
             )
     for name in ("train_size", "test_size", "val_size"):
         if getattr(args, name) % 10:

@@ -28,7 +28,7 @@ Three parts, each for every setting:
    BNP's blocks are measured at ``eps1 = 1e-2`` (BNP's default) and ``eps1 = 0``: the floor caps
    the rescaling BNP can do at ``kappa(D) <= sqrt(1 + 1 / eps1)``. On the severe linear model
    BNP-SGLD is also *run* with ``eps1 = 0`` (an extra method, ``bnp_eps1_0``); on the BNN,
-   ``BNP(others="rmsprop")`` is run too (``bnp_others``: RMSprop on ``sigma``, session 3).
+   ``BNP(others="rmsprop")`` is run too (``bnp-others``: RMSprop on ``sigma``, session 3).
 
 Every method gets the same budget of updates (mini-batches of 100 of 2000 rows; default 3000),
 ``--seeds`` seeds (default 3) and a step size picked from a small per-method grid (``GRIDS``) by
@@ -71,7 +71,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 EXTRA = "bnp_eps1_0"  # BNP-SGLD with eps1 = 0, run on the severe linear model only
-OTHERS = "bnp_others"  # BNP(others="rmsprop"): RMSprop on the BNN's sigma, run on the BNN only
+OTHERS = "bnp-others"  # BNP(others="rmsprop"): RMSprop on the BNN's sigma, run on the BNN only
 LABELS = {**_common.LABELS, EXTRA: "BNP-SGLD, eps1=0", OTHERS: "BNP, others=RMSprop"}
 COLORS = {**_common.COLORS, EXTRA: "C4", OTHERS: "C5"}
 SETTINGS = {
@@ -289,9 +289,7 @@ def make_preconditioner(method: str) -> str | pyro_bnp.Preconditioner:
     """Return the kernel's ``preconditioner`` argument for ``method``."""
     if method == EXTRA:
         return pyro_bnp.BNP(eps1=0.0)
-    if method == OTHERS:
-        return pyro_bnp.BNP(others="rmsprop")
-    return method
+    return _common.preconditioner(method)
 
 
 def make_recorders(

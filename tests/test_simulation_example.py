@@ -49,7 +49,7 @@ def test_simulation_quick(tmp_path):
     severe = results["results"]["severe/linreg"]
     assert "bnp_eps1_0" in severe["extra"]
     for setting in ("moderate", "severe"):
-        assert set(results["results"][f"{setting}/bnn"]["extra"]) == {"bnp_others"}
+        assert set(results["results"][f"{setting}/bnn"]["extra"]) == {"bnp-others"}
     for m in ("identity", "bnp"):
         cond = severe["methods"][m]["condition"]
         for kind in ("hessian", "fisher"):
