@@ -87,7 +87,8 @@ from common import (
 from pyro.infer import MCMC, NUTS
 from torch import Tensor, nn
 
-from pyro_bnp import BNP, SGLD, init_to_median_or_sample, schedules
+from pyro_bnp import SGLD, init_to_median_or_sample, schedules
+from pyro_bnp.names import make_preconditioner
 
 TOLERANCE = 0.05
 FALLBACK_TOLERANCE = 0.1
@@ -166,10 +167,10 @@ ORIGINAL_METHODS = ("sgld", "psgld", "bnp")  # the JSON field "methods" (tests p
 def preconditioner(spec: str) -> Any:
     """Return ``SGLD``'s ``preconditioner=`` for a contender's preconditioner name.
 
-    A string ``SGLD`` knows, or ``"bnp-others"``: ``BNP(others="rmsprop")`` (plain BNP on the
-    layers, RMSprop on ``sigma``).
+    A name of the package's table (``pyro_bnp.names.PRECONDITIONERS``), e.g. ``"bnp-others"``:
+    ``BNP(others="rmsprop")`` (plain BNP on the layers, RMSprop on ``sigma``).
     """
-    return BNP(others="rmsprop") if spec == "bnp-others" else spec
+    return make_preconditioner(spec)
 
 
 class _Stop(Exception):

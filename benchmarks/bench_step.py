@@ -56,7 +56,7 @@ from pyro.infer.mcmc.util import initialize_model
 from pyro.ops.integrator import potential_grad
 from torch import Tensor, nn
 
-from pyro_bnp import BNP, SGLD
+import pyro_bnp
 
 PRECONDITIONERS = ("identity", "rmsprop", "bnp", "bnp+rmsprop", "bnp-frozen")
 FROZEN_WARMUP = 5
@@ -91,16 +91,21 @@ def make_case(name: str, n: int, seed: int = 0) -> dict[str, Any]:
     return {"name": name, "net": net, "x": x, "y": y, "likelihood": lik}
 
 
-def ours(case: dict[str, Any], pre: str, step_size: float, seed: int = 0) -> tuple[Callable, Any]:
+def ours(
+    case: dict[str, Any], pre: str, step_size: float, seed: int = 0, pkg: Any = pyro_bnp
+) -> tuple[Callable, Any]:
     """``SGLD.sample`` in a loop (thin=1), from the same initial weights as the others.
 
     ``pre="bnp-frozen"``: ``BNP(freeze_after_warmup=True)`` after a warmup of
     ``FROZEN_WARMUP`` updates (run here, untimed): the statistics and ``M`` are constant.
+    ``pkg``: the pyro_bnp package to time (``compare_step.py`` passes an older version).
     """
     model = BayesNet(case["net"], case["likelihood"], sigma=0.1)
     frozen = pre == "bnp-frozen"
-    preconditioner: Any = BNP(freeze_after_warmup=True) if frozen else pre
-    kernel = SGLD(model, step_size, subsample_size={"data": BATCH}, preconditioner=preconditioner)
+    preconditioner: Any = pkg.BNP(freeze_after_warmup=True) if frozen else pre
+    kernel = pkg.SGLD(
+        model, step_size, subsample_size={"data": BATCH}, preconditioner=preconditioner
+    )
     kernel.initial_params = site_values(case["net"])
     torch.manual_seed(seed)
     kernel.setup(FROZEN_WARMUP if frozen else 0, case["x"], case["y"])

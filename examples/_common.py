@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyro_bnp
+from pyro_bnp.names import make_preconditioner
 
 # the preconditioners of pyro_bnp.SGLD: SGLD, pSGLD, BNP-SGLD and BNP + RMSprop
 METHODS = ["identity", "rmsprop", "bnp", "bnp+rmsprop"]
@@ -25,13 +25,11 @@ COLORS = {
     "bnp+rmsprop": "C3",
 }
 
-# Opt-in BNP variants that some examples run beside the four samplers (a fresh object per chain)
-EXTRA_PRECONDITIONERS = {
-    "bnp-others": lambda: pyro_bnp.BNP(others="rmsprop"),  # RMSprop on the sites outside layers
-    "bnp-cap": lambda: pyro_bnp.BNP(prior_cap=1.0),  # the prior cap
-}
+# Opt-in BNP variants that some examples run beside the four samplers; every name is one of
+# pyro_bnp.names.PRECONDITIONERS (the package's one name table)
+EXTRA_PRECONDITIONERS = ("bnp-others", "bnp-cap")  # RMSprop on the sites outside layers; the cap
 
 
 def preconditioner(name: str) -> Any:
-    """``SGLD``'s ``preconditioner=`` for a method name: one of ``METHODS`` or of the extras."""
-    return EXTRA_PRECONDITIONERS[name]() if name in EXTRA_PRECONDITIONERS else name
+    """``SGLD``'s ``preconditioner=`` for a method name: a fresh object from the name table."""
+    return make_preconditioner(name)

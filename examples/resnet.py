@@ -298,12 +298,12 @@ def metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:
 # ----------------------------------------------------------------------------- runs
 def check_layers(kernel: pyro_bnp.SGLD, net: ResNet, log: Any) -> dict[str, Any]:
     """Check that BNP found every Conv2d and the Linear layer; log q^2 per layer."""
-    found = [ref.name for ref in kernel._layers]
+    found = [ref.name for ref in kernel.layers]
     expected_refs, _ = find_layers(net, set(kernel.initial_params))
     expected = [ref.name for ref in expected_refs]
     n_conv = sum(isinstance(m, nn.Conv2d) for m in net.modules())
     ok = found == expected and len(found) == n_conv + 1
-    info = describe(kernel._layers)
+    info = describe(kernel.layers)
     log(f"  BNP layers found: {len(found)} ({n_conv} Conv2d + 1 Linear expected): ok={ok}")
     log("  layer                 q^2    N  H*W  mean(mu)  scale min..max")
     rows = {}

@@ -16,7 +16,7 @@ The layer statistics themselves are kept by :class:`pyro_bnp.layers.RunningInput
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,19 +24,16 @@ import torch
 from torch import Tensor
 
 from pyro_bnp.preconditioners import (
+    BindContext,
     LayerRef,
     Params,
     Preconditioner,
     RMSprop,
-    standard_normal_like,
 )
 
 __all__ = ["BNP", "balance_factor", "floored_variance"]
 
 _STATS_INITS = ("batch", "paper")
-# Below this noise scale the fused step's scalar factors (``scale / q``) could leave float32's
-# normal range; :meth:`BNP.step` then takes the generic path.
-_MIN_FUSED_SCALE = 1e-30
 
 
 def floored_variance(var: Tensor, eps1: float, eps2: float) -> Tensor:
@@ -268,7 +265,6 @@ class BNP(Preconditioner):
         self.rmsprop = rmsprop
         self.stats_init = init
         self.name = "bnp+rmsprop" if rmsprop is not None else "bnp"
-        self.needs_layers = True
         self._blocks: dict[str, _Block] = {}  # by layer name
         self._gz: tuple[Mapping[str, Tensor], Params] | None = None  # update()'s A^T g
         self.prior_cap = None if prior_cap is None else float(prior_cap)
@@ -276,43 +272,36 @@ class BNP(Preconditioner):
         self._cap_eps: float | None = None  # the step size the blocks were capped for
         self.others = other_pre
         self._other_names: tuple[str, ...] = ()  # sites outside the layers (with ``others``)
+        self._bound_without_layers = False  # bound to a chain whose network had no layer
 
     # -- life cycle --------------------------------------------------------------------
     def stats_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`pyro_bnp.layers.find_layers` (``rho``, ``init``)."""
         return {"rho": self.rho, "init": self.stats_init}
 
-    def init(
-        self,
-        params: Mapping[str, Tensor],
-        *,
-        num_data: float = 1.0,
-        layers: Sequence[LayerRef] = (),
-    ) -> None:
-        """Reset the state for a new chain and register the layers.
+    def layer_options(self) -> dict[str, Any]:
+        """BNP wants the network's layers: :meth:`stats_options` for their statistics."""
+        return self.stats_options()
+
+    def bind(self, context: BindContext) -> None:
+        """Reset the state for a new chain and register the layers and their priors.
 
         The layers' statistics are un-frozen but not reset (they belong to the hooks that
-        :func:`pyro_bnp.layers.find_layers` created).
-
-        Parameters
-        ----------
-        params : Mapping[str, Tensor]
-            The chain's initial unconstrained parameters.
-        num_data : float
-            Number of observations (RMSprop's per-datum convention).
-        layers : sequence of LayerRef
-            Layers whose weight (and bias) are sites of ``params``.
+        :func:`pyro_bnp.layers.find_layers` created). The i.i.d. Normal priors of a layer's
+        weight (and bias) in ``context.priors`` are registered as by :meth:`set_priors`.
 
         Raises
         ------
         ValueError
-            If a layer's sites are missing from ``params``, appear in two layers, or have
-            shapes that do not match the statistics.
+            If a layer's sites are missing from ``context.params``, appear in two layers, or
+            have shapes that do not match the statistics.
         """
-        super().init(params, num_data=num_data, layers=tuple(layers))
+        super().bind(context)
+        params, layers = context.params, context.layers
         self._blocks = {}
         self._gz = None
         self._priors, self._cap_eps = {}, None
+        self._bound_without_layers = not layers
         used: set[str] = set()
         for ref in layers:
             block = self._make_block(ref, params)
@@ -327,10 +316,21 @@ class BNP(Preconditioner):
             self._blocks[ref.name] = block
             ref.stats.frozen = False
         if self.rmsprop is not None:
-            self.rmsprop.init(params, num_data=num_data, layers=tuple(layers))
+            self.rmsprop.bind(context)
         self._other_names = tuple(k for k in params if k not in used)
         if self.others is not None:
-            self.others.init(self._other_sites(params), num_data=num_data)
+            self.others.bind(
+                BindContext(self._other_sites(params), context.num_data, (), context.priors)
+            )
+        priors: dict[str, tuple[float | None, float]] = {}
+        for ref in layers:
+            w = context.priors.get(ref.weight)
+            if w is None:
+                continue
+            b = None if ref.bias is None else context.priors.get(ref.bias)
+            priors[ref.name] = (None if b is None else b.var, w.var)
+        if priors:
+            self.set_priors(priors)
 
     @staticmethod
     def _make_block(ref: LayerRef, params: Mapping[str, Tensor]) -> _Block:
@@ -433,11 +433,16 @@ class BNP(Preconditioner):
         nu = 0.5 * eps * lam / q2
         return s2, (q2 * nu / kappa if nu > kappa else q2)
 
+    @property
+    def priors(self) -> dict[str, tuple[float | None, float]]:
+        """Layer -> ``(bias prior variance or None, weight prior variance)`` registered."""
+        return dict(self._priors)
+
     def set_priors(self, priors: Mapping[str, tuple[float | None, float]]) -> None:
         """Register the i.i.d. Normal prior variances ``(bias or None, weight)`` per layer.
 
-        The kernel calls it for layers whose priors it knows in closed form; only
-        ``prior_cap`` uses them.
+        :meth:`bind` calls it with the priors the kernel's potential read from the model (for
+        every model pattern); ``prior_cap`` and :meth:`warnings` use them.
         """
         self._priors = dict(priors)
         for block in self._blocks.values():
@@ -461,12 +466,15 @@ class BNP(Preconditioner):
             if not block.fresh:
                 self._refresh(block)
 
-    def update(self, grads: Mapping[str, Tensor]) -> None:
+    def update(self, grads: Mapping[str, Tensor], step_size: float | None = None) -> None:
         """Read the layers' current statistics and, with RMSprop, fold ``g_z`` into ``V``.
 
         Call it after the gradient evaluation that updated the statistics (the kernel does).
-        When frozen, the preconditioner no longer changes.
+        When frozen, the preconditioner no longer changes (except that ``prior_cap`` follows
+        ``step_size``).
         """
+        if step_size is not None:
+            self._set_cap_step_size(step_size)
         for block in self._blocks.values():
             if not (self.frozen and block.fresh):
                 self._refresh(block)
@@ -566,111 +574,56 @@ class BNP(Preconditioner):
         self._ensure()
         return self._map_all(z, to_z=False)
 
-    # -- the two halves of the update --------------------------------------------------
-    def drift(self, grads: Mapping[str, Tensor]) -> Params:
-        """Return ``M g``: ``(P/q)(P/q)^T g`` on layers (``(P/q) G_z (P/q)^T g`` with RMSprop)."""
+    # -- the protocol's maps and fused parts ---------------------------------------------
+    def apply_at(self, grads: Mapping[str, Tensor]) -> Params:
+        """Return ``A^T g``: ``(P/q)^T g`` on layers (then ``sqrt(G_z)`` with RMSprop)."""
         gz = self._to_z_all(grads)
         if self.rmsprop is not None:
-            gz = self.rmsprop.drift(gz)
-        out = self._from_z_all(gz)
+            return self.rmsprop.apply_at(gz)
         if self.others is not None:
-            out.update(self.others.drift(self._other_sites(grads)))
-        return out
+            gz.update(self.others.apply_at(self._other_sites(grads)))
+        return gz
 
-    def noise(self, xi: Mapping[str, Tensor]) -> Params:
-        """Return ``A xi``: ``(P/q) xi`` on layers (``(P/q) sqrt(G_z) xi`` with RMSprop)."""
-        z = dict(xi) if self.rmsprop is None else self.rmsprop.noise(xi)
+    def apply_a(self, u: Mapping[str, Tensor]) -> Params:
+        """Return ``A u``: ``(P/q) u`` on layers (``(P/q) sqrt(G_z) u`` with RMSprop)."""
+        z = dict(u) if self.rmsprop is None else self.rmsprop.apply_a(u)
         out = self._from_z_all(z)
         if self.others is not None:
-            out.update(self.others.noise(self._other_sites(xi)))
+            out.update(self.others.apply_a(self._other_sites(u)))
         return out
 
-    def step(
-        self,
-        params: Mapping[str, Tensor],
-        grads: Mapping[str, Tensor],
-        step_size: float,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> Params:
-        """One SGLD move, fused as ``theta + A (sqrt(eps T) xi - (eps/2) A^T g)``.
-
-        Equal (up to rounding) to :meth:`Preconditioner.step` with the same ``generator``:
-        ``xi`` is drawn site by site in sorted name order, and not at all when
-        ``temperature == 0``.
-        """
-        half = 0.5 * step_size
-        rms = self.rmsprop
-        self._set_cap_step_size(step_size)
-        if temperature > 0 and rms is None:
-            scale = math.sqrt(step_size * temperature)
-            if half < 1e30 * scale and scale > _MIN_FUSED_SCALE:
-                return self._fused_step(params, grads, half, scale, generator)
-        cached, self._gz = self._gz, None
-        gz = cached[1] if cached is not None and cached[0] is grads else self._to_z_all(grads)
-        if temperature > 0 and rms is not None:
-            scale = math.sqrt(step_size * temperature)
-            if half < 1e30 * scale:
-                # theta + scale * A (sqrt(G) xi - (half / scale) G A^T g), no temporaries
-                xi = standard_normal_like(params, generator)
-                delta = self._from_z_all(rms.noise_minus_drift(xi, gz, half / scale))
-                return {k: torch.add(v, delta[k], alpha=scale) for k, v in params.items()}
-        dz = gz if rms is None else rms.drift(gz)
-        if self.others is not None:
-            dz = {**dz, **self.others.drift(self._other_sites(gz))}
-        if temperature > 0:
-            xi = standard_normal_like(params, generator)
-            nz = xi if rms is None else rms.noise(xi)  # fresh tensors: updated in place
-            if self.others is not None:
-                nz = {**nz, **self.others.noise(self._other_sites(xi))}
-            scale = math.sqrt(step_size * temperature)
-            if half < 1e30 * scale:
-                # theta + scale * A (xi - (half / scale) A^T g)
-                u = {k: nz[k].sub_(dz[k], alpha=half / scale) for k in params}
-            else:  # a tiny temperature: half / scale would overflow float32
-                u = {k: nz[k].mul_(scale).sub_(dz[k] * half) for k in params}
-                scale = 1.0
-        else:
-            scale = -half
-            u = {k: dz[k] for k in params}
-        delta = self._from_z_all(u)
-        return {k: torch.add(v, delta[k], alpha=scale) for k, v in params.items()}
-
-    def _fused_step(
-        self,
-        params: Mapping[str, Tensor],
-        grads: Mapping[str, Tensor],
-        half: float,
-        scale: float,
-        generator: torch.Generator | None,
-    ) -> Params:
-        """:meth:`step` without RMSprop at ``T > 0``: ``theta + scale A (xi - k A^T g)``.
-
-        ``k = half / scale``. Per dense layer, with ``r = 1 / s``, ``c = mu / s`` and the
-        fresh noise ``xi`` updated in place into ``u = xi - k A^T g``:
-
-        * ``u_w = xi_w - (k/q) r g_w + (k/q) g_b c^T`` (two ``addcmul_``),
-        * ``w' = w + (scale/q) r u_w`` (``addcmul``),
-        * ``u_b = xi_b - (k/q) g_b``, ``b' = b - (scale/q) u_w c + (scale/q) u_b``.
-
-        Three passes over the weight and one ``addmv`` besides drawing the noise, everything
-        written into the noise tensors (no weight-sized allocation); convolutions do the same
-        on the ``[G, out/G, in/G, k]`` view.
-        """
-        k = half / scale
-        xi = standard_normal_like(params, generator)
-        out: Params = {}
+    def _fresh_layers(
+        self, present: Mapping[str, Tensor]
+    ) -> Iterator[tuple[_Block, str, str | None, Tensor, Tensor]]:
+        """Yield the layers whose weight is in ``present``: block (refreshed), sites, r, c."""
         for block in self._blocks.values():
-            ref = block.ref
-            wname, bname = ref.weight, ref.bias
-            if wname not in params:
+            wname = block.ref.weight
+            if wname not in present:
                 continue
             if not block.fresh:
                 self._refresh(block)
-            r, c = block.r, block.c
-            assert r is not None and c is not None
-            kq, sq = k * block.iq, scale * block.iq
-            uw, gw, w = xi[wname], grads[wname], params[wname]
+            assert block.r is not None and block.c is not None
+            yield block, wname, block.ref.bias, block.r, block.c
+
+    def noise_minus_drift(
+        self, xi: Mapping[str, Tensor], grads: Mapping[str, Tensor], k: float
+    ) -> Params:
+        """Return ``u = xi - k A^T g``, into ``xi``'s tensors.
+
+        Per dense layer, with ``r = 1 / s`` and ``c = mu / s``: ``u_w = xi_w - (k/q) r g_w +
+        (k/q) g_b c^T`` (two ``addcmul_``) and ``u_b = xi_b - (k/q) g_b``; convolutions do the
+        same on the ``[G, out/G, in/G, k]`` view. With RMSprop, ``u = xi - k sqrt(G_z) g_z``
+        with the ``g_z = (P/q)^T g`` that :meth:`update` computed for ``V``.
+        """
+        rms = self.rmsprop
+        if rms is not None:
+            cached, self._gz = self._gz, None
+            gz = cached[1] if cached is not None and cached[0] is grads else self._to_z_all(grads)
+            return rms.noise_minus_drift(xi, gz, k)
+        out: Params = {}
+        for block, wname, bname, r, c in self._fresh_layers(xi):
+            kq = k * block.iq
+            uw, gw = xi[wname], grads[wname]
             gb = None if bname is None else grads[bname]
             if block.dense:
                 uw.addcmul_(gw, r, value=-kq)
@@ -678,32 +631,75 @@ class BNP(Preconditioner):
                     uw.addcmul_(gb.unsqueeze(1), c, value=kq)
             else:
                 g, out_g, _, _ = block.shape4
-                uw = uw.view(block.shape4)  # a fresh contiguous tensor
-                uw.addcmul_(gw.reshape(block.shape4), r, value=-kq)
+                uw4 = uw.view(block.shape4)  # a fresh contiguous tensor
+                uw4.addcmul_(gw.reshape(block.shape4), r, value=-kq)
                 if gb is not None:
-                    uw.addcmul_(gb.view(g, out_g, 1, 1), c, value=kq)
-            if bname is not None and gb is not None:  # reads u_w: before w' overwrites it
-                ub = xi[bname].add_(gb, alpha=-kq)
+                    uw4.addcmul_(gb.view(g, out_g, 1, 1), c, value=kq)
+            out[wname] = uw
+            if bname is not None and gb is not None:
+                out[bname] = xi[bname].add_(gb, alpha=-kq)
+        if self.others is not None:
+            out.update(self.others.noise_minus_drift(self._other_sites(xi), grads, k))
+        for name, x in xi.items():
+            if name not in out:
+                out[name] = x.sub_(grads[name], alpha=k)
+        return out
+
+    def move(self, params: Mapping[str, Tensor], u: Mapping[str, Tensor], scale: float) -> Params:
+        """Return ``theta + scale A u``, into ``u``'s tensors (no weight-sized allocation).
+
+        Per dense layer: ``b' = b - (scale/q) u_w c + (scale/q) u_b`` (one ``addmv``, read
+        before ``u_w`` is overwritten) and ``w' = w + (scale/q) r u_w`` (``addcmul``).
+        """
+        if self.rmsprop is not None:
+            u = self.rmsprop.apply_a(u)  # sqrt(G_z) u, in place
+        out: Params = {}
+        for block, wname, bname, r, c in self._fresh_layers(params):
+            sq = scale * block.iq
+            uw, w = u[wname], params[wname]
+            uw4 = uw if block.dense else uw.view(block.shape4)
+            if bname is not None:
                 b = params[bname]
                 if block.dense:
                     nb = torch.addmv(b, uw, c, alpha=-sq)
                 else:
-                    nb = self._bias_dot(block, b, uw, c, 1.0, -sq)
-                out[bname] = nb.add_(ub, alpha=sq)
-            # w' into the noise tensor itself: a fresh weight-sized result cost more than the
-            # arithmetic (new pages) on large layers
+                    nb = self._bias_dot(block, b, uw4, c, 1.0, -sq)
+                out[bname] = nb.add_(u[bname], alpha=sq)
             w4 = w if block.dense else w.reshape(block.shape4)
-            torch.addcmul(w4, uw, r, value=sq, out=uw)
-            out[wname] = xi[wname]
-        if self.others is not None:  # theta + scale (sqrt(G) xi - k G g), in place into xi
-            for name, u in self.others.noise_minus_drift(self._other_sites(xi), grads, k).items():
-                out[name] = torch.add(params[name], u, alpha=scale, out=u)
+            torch.addcmul(w4, uw4, r, value=sq, out=uw4)
+            out[wname] = uw
+        if self.others is not None and self.rmsprop is None:
+            out.update(self.others.move(self._other_sites(params), u, scale))
         return {
-            name: out[name]
-            if name in out
-            else torch.add(v, xi[name].sub_(grads[name], alpha=k), alpha=scale, out=xi[name])
+            name: out[name] if name in out else torch.add(v, u[name], alpha=scale, out=u[name])
             for name, v in params.items()
         }
+
+    def warnings(self, step_size: float) -> dict[str, Warning]:
+        """No layer found; or a layer whose Gaussian prior BNP's ``M`` makes unstable.
+
+        The second: plain BNP without ``prior_cap`` only, for layers with i.i.d. Normal
+        priors, when ``nu = (eps/2) lambda_max(M Lambda_prior) > 2`` (:meth:`prior_stability`).
+        """
+        out: dict[str, Warning] = {}
+        if self._bound_without_layers:
+            acts = "RMSprop" if self.rmsprop is not None or self.others is not None else None
+            out["no-layers"] = UserWarning(
+                f"{self!r} found no Linear/Conv layer whose weight is a latent site (pass "
+                "modules= for a plain-function model); it acts as " + (acts or "the identity")
+            )
+        if self.rmsprop is not None or self.prior_cap is not None or not self._priors:
+            return out  # with RMSprop M's scale follows the gradients; the cap keeps nu small
+        for name, nu in self.prior_stability(step_size, self._priors).items():
+            if nu > 2.0:
+                out[f"prior:{name}"] = RuntimeWarning(
+                    f"BNP layer {name!r}: (eps/2) lambda_max(M Lambda_prior) = {nu:.3g} > 2 at "
+                    f"step size {step_size:.3g}: the prior alone makes this layer's update "
+                    "overshoot and grow (the chain oscillates or explodes); use a step size "
+                    f"below {2.0 * step_size / nu:.2g}, BNP(prior_cap=1.0), or "
+                    "preconditioner='bnp+rmsprop'"
+                )
+        return out
 
     # -- inspection --------------------------------------------------------------------
     def dense_matrix(self, layer_name: str, neuron: int) -> Tensor:

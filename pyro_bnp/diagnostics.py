@@ -733,7 +733,7 @@ class ConditionRecorder:
         eigendecomposition, so choose a few for wide layers).
     statistics : {"batch", "running"}
         ``P`` from the batch statistics of ``h``, or from the kernel's running layer statistics
-        (``kernel._layers``, matched by :attr:`LayerRef.name` to the keys of ``derivatives``'
+        (``kernel.layers``, matched by :attr:`LayerRef.name` to the keys of ``derivatives``'
         output; ``q^2`` then uses their ``batch_size``).
     eps1, eps2 : float or None
         BNP floors; None: the kernel's ``preconditioner.eps1/eps2`` if it has them, else the
@@ -791,7 +791,7 @@ class ConditionRecorder:
         return float(eps1), float(eps2)
 
     def _running(self, kernel: Any, layer: str) -> InputStatistics:
-        refs = {ref.name: ref for ref in getattr(kernel, "_layers", ())}
+        refs = {ref.name: ref for ref in getattr(kernel, "layers", ())}
         if layer not in refs:
             raise ValueError(
                 f"ConditionRecorder: no running statistics for layer {layer!r} in the kernel "

@@ -29,6 +29,8 @@ from pyro_bnp.preconditioners import LayerRef
 __all__ = ["LayerHooks", "RunningInputStats", "describe", "find_layers"]
 
 _INITS = ("batch", "paper")
+# what :meth:`LayerHooks.snapshot` keeps of each :class:`RunningInputStats`
+_STAT_FIELDS = ("mean", "var", "batch_size", "spatial_size", "num_batches", "num_skipped")
 
 
 class RunningInputStats:
@@ -337,6 +339,40 @@ class LayerHooks:
             yield
         finally:
             self._switch.on = previous
+
+    @property
+    def live(self) -> bool:
+        """Whether a forward pass can change some statistics (not all of them are frozen)."""
+        return any(not stats.frozen for _, stats in self.pairs)
+
+    def sync(self) -> bool:
+        """Register the hooks if some statistics are live, remove them if all are frozen.
+
+        Registered hooks cost about 4 us per layer call even when switched off (they force
+        torch's slow module-call path), so frozen statistics keep none. Returns :attr:`live`.
+        """
+        live = self.live
+        if live != self.installed:
+            if live:
+                self.install()
+            else:
+                self.remove()
+        return live
+
+    def snapshot(self) -> list[tuple[Any, ...]]:
+        """Return references to every layer's statistics, for :meth:`restore`.
+
+        Cheap (no copies): :meth:`RunningInputStats.observe` replaces its tensors and never
+        modifies them in place, so references are enough to undo the forward passes of a
+        rejected proposal.
+        """
+        return [tuple(getattr(stats, f) for f in _STAT_FIELDS) for _, stats in self.pairs]
+
+    def restore(self, snapshot: list[tuple[Any, ...]]) -> None:
+        """Put the statistics back as they were at :meth:`snapshot`."""
+        for (_, stats), values in zip(self.pairs, snapshot, strict=True):
+            for field, value in zip(_STAT_FIELDS, values, strict=True):
+                setattr(stats, field, value)
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -8,10 +8,13 @@ drift and the noise can never disagree (the BlackJAX ``metrics`` habit):
     \theta \leftarrow \theta - \frac{\epsilon}{2} M \nabla \hat U(\theta)
         + \sqrt{\epsilon T}\, A \xi, \qquad M = A A^\top, \quad \xi \sim N(0, I).
 
-* :meth:`Preconditioner.drift` returns ``M g``;
-* :meth:`Preconditioner.noise` returns ``A xi``;
+* :meth:`Preconditioner.apply_at` gives ``A^T g`` and :meth:`Preconditioner.apply_a` gives
+  ``A u``; the integrator (:func:`pyro_bnp.integrators.sgld_step`) combines them, through the
+  fused parts :meth:`Preconditioner.noise_minus_drift` and :meth:`Preconditioner.move`;
 * :meth:`Preconditioner.update` adapts the state from the current gradient (RMSprop) or
   from layer statistics (BNP), unless the preconditioner is :meth:`frozen <freeze>`.
+
+The protocol is written down on :class:`Preconditioner`; docs/design.md shows how to add one.
 
 This module never imports pyro: it works on ``dict[str, Tensor]`` keyed by site name.
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -30,9 +33,11 @@ Params = dict[str, Tensor]
 _TINY = float(torch.finfo(torch.float32).tiny)
 
 __all__ = [
+    "BindContext",
     "Identity",
     "InputStatistics",
     "LayerRef",
+    "NormalPrior",
     "Params",
     "Preconditioner",
     "RMSprop",
@@ -107,25 +112,97 @@ class LayerRef:
     groups: int = 1
 
 
-class Preconditioner:
-    """Base class: the identity preconditioner ``M = A = I`` with the shared SGLD step.
+@dataclass(frozen=True)
+class NormalPrior:
+    """A fixed i.i.d. Normal prior of one site: every entry ``~ N(loc, var)``.
 
-    Subclasses override :meth:`init`, :meth:`update`, :meth:`drift` and :meth:`noise`
-    (and may override :meth:`step` with a fused version that gives the same numbers).
+    Read from the model's set-up trace by :class:`pyro_bnp.potential.MinibatchPotential` for
+    every latent site whose prior is such a Normal (constant ``loc`` and ``scale``, on the
+    unconstrained space itself), whatever the model pattern.
+    """
+
+    loc: float
+    var: float
+
+
+@dataclass(frozen=True)
+class BindContext:
+    """What a preconditioner learns about the chain it serves (:meth:`Preconditioner.bind`).
+
+    Parameters
+    ----------
+    params : Mapping[str, Tensor]
+        The chain's initial unconstrained parameters (shapes, dtypes, devices are taken).
+    num_data : float
+        Number of observations ``N`` of the full data set (RMSprop's per-datum convention).
+    layers : tuple of LayerRef
+        Network layers whose weight (and bias) are sites, with their input statistics; empty
+        unless :meth:`Preconditioner.layer_options` asked for them.
+    priors : Mapping[str, NormalPrior]
+        Sites with a fixed i.i.d. Normal prior (others are absent).
+    """
+
+    params: Mapping[str, Tensor]
+    num_data: float = 1.0
+    layers: tuple[LayerRef, ...] = ()
+    priors: Mapping[str, NormalPrior] = field(default_factory=dict)
+
+
+class Preconditioner:
+    r"""Base class and written protocol of a preconditioner ``M = A A^T``; itself ``M = I``.
+
+    An integrator (:func:`pyro_bnp.integrators.sgld_step`) writes the update once, as
+
+    .. math::
+
+        \theta' = \theta + s\, A\,(\xi - k\, A^\top g), \qquad
+        s = \sqrt{\epsilon T},\ k = \frac{\epsilon}{2 s},
+
+    which is ``theta - (eps/2) M g + sqrt(eps T) A xi``, and asks the preconditioner for the
+    parts. The kernels call only the methods declared here:
+
+    * life cycle: :meth:`layer_options` (does it want network layers?), :meth:`bind` (a new
+      chain), :meth:`update` (adapt before a step), :meth:`freeze` and
+      :attr:`freeze_after_warmup`, :meth:`warnings` (messages for the user);
+    * the maps: :meth:`apply_at` (``A^T g``) and :meth:`apply_a` (``A u``); a new
+      preconditioner needs only these two (and :meth:`update` if it adapts);
+    * the fused parts, derived from the maps here and overridden for speed:
+      :meth:`noise_minus_drift` (``xi - k A^T g`` written into the noise buffer) and
+      :meth:`move` (``theta + s A u`` written into ``u``);
+    * state: :meth:`state_dict`, :meth:`load_state_dict`, :meth:`config`.
+
+    :meth:`drift` (``M g``), :meth:`noise` (``A xi``) and :meth:`step` (one SGLD move) are
+    derived from the same parts, so drift and noise can never disagree.
     """
 
     #: short name recorded in exports and progress bars
     name = "identity"
     #: the kernel calls :meth:`freeze` at the end of warmup when this is true
     freeze_after_warmup = False
-    #: the kernel finds network layers and passes them to :meth:`init` when this is true
-    needs_layers = False
 
     def __init__(self) -> None:
         self.frozen = False
         self.num_data = 1.0
 
     # -- life cycle --------------------------------------------------------------------
+    def layer_options(self) -> dict[str, Any] | None:
+        """Keyword arguments for :func:`pyro_bnp.layers.find_layers`, or None (no layers).
+
+        A preconditioner that returns a dict gets the network's layers and their input
+        statistics in :attr:`BindContext.layers`.
+        """
+        return None
+
+    @property
+    def needs_layers(self) -> bool:
+        """Whether :meth:`layer_options` asks for network layers."""
+        return self.layer_options() is not None
+
+    def bind(self, context: BindContext) -> None:
+        """Reset all state for a new chain described by ``context``."""
+        self.frozen = False
+        self.num_data = float(context.num_data)
+
     def init(
         self,
         params: Mapping[str, Tensor],
@@ -133,40 +210,68 @@ class Preconditioner:
         num_data: float = 1.0,
         layers: tuple[LayerRef, ...] = (),
     ) -> None:
-        """Reset all state for a new chain.
+        """Reset all state for a new chain: :meth:`bind` without priors.
 
         Parameters
         ----------
         params : Mapping[str, Tensor]
             The chain's initial unconstrained parameters (shapes and dtypes are taken).
         num_data : float
-            Number of observations ``N`` in the full data set (used by RMSprop's
-            per-datum convention).
+            Number of observations ``N`` in the full data set.
         layers : tuple of LayerRef
-            Network layers whose weight/bias are sites (used by BNP; ignored here).
+            Network layers whose weight/bias are sites (used by BNP).
         """
-        self.frozen = False
-        self.num_data = float(num_data)
+        self.bind(BindContext(params, float(num_data), tuple(layers)))
 
-    def update(self, grads: Mapping[str, Tensor]) -> None:
-        """Adapt the state to the current gradient of ``U_hat`` (no-op for the identity)."""
+    def update(self, grads: Mapping[str, Tensor], step_size: float | None = None) -> None:
+        """Adapt to the gradient of ``U_hat`` before a step of size ``step_size``.
+
+        The identity has nothing to adapt. ``step_size`` is the one the next step uses (None:
+        not known, e.g. a direct call).
+        """
 
     def freeze(self) -> None:
         """Stop adapting: from now on ``M`` is constant and the chain is an exact SGLD."""
         self.frozen = True
 
-    # -- the two halves of the update --------------------------------------------------
-    def drift(self, grads: Mapping[str, Tensor]) -> Params:
-        """Return ``M g`` for every site."""
+    def warnings(self, step_size: float) -> dict[str, Warning]:
+        """Warnings the user should see at this step size, keyed so each is shown once.
+
+        The kernel calls it at the first update and at the end of warmup and shows every key
+        once per kernel.
+        """
+        return {}
+
+    # -- the maps ----------------------------------------------------------------------
+    def apply_at(self, grads: Mapping[str, Tensor]) -> Params:
+        """Return ``A^T g`` per site (may return ``grads``' own tensors: do not modify them)."""
         return dict(grads)
 
-    def noise(self, xi: Mapping[str, Tensor]) -> Params:
-        """Return ``A xi`` for standard normal ``xi``; ``Cov(A xi) = M``.
+    def apply_a(self, u: Mapping[str, Tensor]) -> Params:
+        """Return ``A u`` per site; may overwrite ``u``'s tensors (the caller owns them)."""
+        return dict(u)
 
-        The returned tensors must be ``xi``'s own or new ones (never state): :meth:`step`
-        writes the new position into them.
-        """
-        return dict(xi)
+    # -- the fused parts ---------------------------------------------------------------
+    def noise_minus_drift(
+        self, xi: Mapping[str, Tensor], grads: Mapping[str, Tensor], k: float
+    ) -> Params:
+        """Return ``u = xi - k A^T g``, written into ``xi``'s tensors (fresh noise)."""
+        at = self.apply_at(grads)
+        return {n: x.sub_(at[n], alpha=k) for n, x in xi.items()}
+
+    def move(self, params: Mapping[str, Tensor], u: Mapping[str, Tensor], scale: float) -> Params:
+        """Return ``theta + scale A u``, written into ``u``'s tensors (``theta`` is kept)."""
+        au = self.apply_a(u)
+        return {n: torch.add(v, au[n], alpha=scale, out=au[n]) for n, v in params.items()}
+
+    # -- derived -----------------------------------------------------------------------
+    def drift(self, grads: Mapping[str, Tensor]) -> Params:
+        """Return ``M g = A (A^T g)`` for every site."""
+        return self.apply_a({n: v.clone() for n, v in self.apply_at(grads).items()})
+
+    def noise(self, xi: Mapping[str, Tensor]) -> Params:
+        """Return ``A xi`` for standard normal ``xi``; ``Cov(A xi) = M`` (``xi`` is kept)."""
+        return self.apply_a({n: v.clone() for n, v in xi.items()})
 
     def step(
         self,
@@ -176,27 +281,14 @@ class Preconditioner:
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Params:
-        """One SGLD move ``(theta + sqrt(eps T) A xi) - (eps/2) M g`` (new tensors).
+        """One SGLD move: :func:`pyro_bnp.integrators.sgld_step` with this preconditioner.
 
         The noise ``xi`` is drawn site by site in sorted name order from ``generator``
         (``torch.randn``); with ``temperature == 0`` no noise is drawn at all.
         """
-        drift = self.drift(grads)
-        half = 0.5 * step_size
-        if temperature > 0:
-            xi = standard_normal_like(params, generator)
-            noise = self.noise(xi)  # fresh tensors: the new state is written into them
-            scale = math.sqrt(step_size * temperature)
-            out = {}
-            for k, v in params.items():
-                a = noise[k]
-                if scale < _TINY:  # alpha= must be representable in float32
-                    a.mul_(scale).add_(v)
-                else:
-                    torch.add(v, a, alpha=scale, out=a)
-                out[k] = a.add_(drift[k], alpha=-half)
-            return out
-        return {k: torch.add(v, drift[k], alpha=-half) for k, v in params.items()}
+        from pyro_bnp.integrators import sgld_step
+
+        return sgld_step(self, params, grads, step_size, temperature, generator)
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -221,6 +313,16 @@ class Identity(Preconditioner):
     """No preconditioning: plain SGLD (Welling & Teh 2011), ``M = A = I``."""
 
     name = "identity"
+
+    def noise_minus_drift(
+        self, xi: Mapping[str, Tensor], grads: Mapping[str, Tensor], k: float
+    ) -> Params:
+        """Return ``xi - k g`` (into ``xi``)."""
+        return {n: x.sub_(grads[n], alpha=k) for n, x in xi.items()}
+
+    def move(self, params: Mapping[str, Tensor], u: Mapping[str, Tensor], scale: float) -> Params:
+        """Return ``theta + scale u`` (into ``u``)."""
+        return {n: torch.add(v, u[n], alpha=scale, out=u[n]) for n, v in params.items()}
 
 
 class RMSprop(Preconditioner):
@@ -270,19 +372,13 @@ class RMSprop(Preconditioner):
         self._root: Params = {}  # sqrt(G)
         self._scratch: Params = {}  # per-datum gradient buffers
 
-    def init(
-        self,
-        params: Mapping[str, Tensor],
-        *,
-        num_data: float = 1.0,
-        layers: tuple[LayerRef, ...] = (),
-    ) -> None:
+    def bind(self, context: BindContext) -> None:
         """Reset ``V`` (it is set from the first gradient)."""
-        super().init(params, num_data=num_data, layers=layers)
+        super().bind(context)
         self.v = {}
         self._g, self._root, self._scratch = {}, {}, {}
 
-    def update(self, grads: Mapping[str, Tensor]) -> None:
+    def update(self, grads: Mapping[str, Tensor], step_size: float | None = None) -> None:
         """Fold the current per-datum squared gradient into ``V`` and refresh ``G``."""
         if self.frozen and self._g:
             return
@@ -313,45 +409,26 @@ class RMSprop(Preconditioner):
         """Return the current diagonal ``G`` of ``M`` per site (updated in place)."""
         return self._g
 
-    def drift(self, grads: Mapping[str, Tensor]) -> Params:
-        """Return ``G * g``."""
-        return {k: g * self._g[k] for k, g in grads.items()}
+    def apply_at(self, grads: Mapping[str, Tensor]) -> Params:
+        """Return ``sqrt(G) g`` (``A`` is diagonal: ``A^T = A``)."""
+        return {k: g * self._root[k] for k, g in grads.items()}
 
-    def noise(self, xi: Mapping[str, Tensor]) -> Params:
-        """Return ``sqrt(G) * xi``."""
-        return {k: x * self._root[k] for k, x in xi.items()}
+    def apply_a(self, u: Mapping[str, Tensor]) -> Params:
+        """Return ``sqrt(G) u``, into ``u``."""
+        return {k: x.mul_(self._root[k]) for k, x in u.items()}
 
     def noise_minus_drift(
         self, xi: Mapping[str, Tensor], grads: Mapping[str, Tensor], k: float
     ) -> Params:
-        """Return ``sqrt(G) xi - k G g``, written into ``xi``'s (fresh) tensors."""
+        """Return ``xi - k sqrt(G) g``, into ``xi`` (one pass, no temporary)."""
+        return {n: x.addcmul_(grads[n], self._root[n], value=-k) for n, x in xi.items()}
+
+    def move(self, params: Mapping[str, Tensor], u: Mapping[str, Tensor], scale: float) -> Params:
+        """Return ``theta + scale sqrt(G) u``, into ``u`` (one pass)."""
         return {
-            n: x.mul_(self._root[n]).addcmul_(grads[n], self._g[n], value=-k) for n, x in xi.items()
+            n: torch.addcmul(v, u[n], self._root[n], value=scale, out=u[n])
+            for n, v in params.items()
         }
-
-    def step(
-        self,
-        params: Mapping[str, Tensor],
-        grads: Mapping[str, Tensor],
-        step_size: float,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> Params:
-        """:meth:`Preconditioner.step`, fused: ``(theta + s sqrt(G) xi) - (eps/2) G g``.
-
-        Written into the fresh noise tensors, without a temporary for ``G g``.
-        """
-        scale = math.sqrt(step_size * temperature)
-        if not scale >= _TINY:  # T = 0, or alpha= not representable in float32
-            return super().step(params, grads, step_size, temperature, generator)
-        half = 0.5 * step_size
-        xi = standard_normal_like(params, generator)
-        out = {}
-        for k, v in params.items():
-            a = xi[k].mul_(self._root[k])
-            torch.add(v, a, alpha=scale, out=a)
-            out[k] = a.addcmul_(grads[k], self._g[k], value=-half)
-        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Include ``V``."""

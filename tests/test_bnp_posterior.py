@@ -58,7 +58,7 @@ def test_bnp_conjugate_regression(seed, kind, freeze, eps, max_bound):
     warm = 6000 if pre.rmsprop is not None else 3000  # V starts from the first, large gradient
     mcmc = MCMC(kernel, num_samples=4000, warmup_steps=warm, disable_progbar=True)
     mcmc.run(x, y)
-    assert [layer.name for layer in kernel._layers] == ["linear"]
+    assert [layer.name for layer in kernel.layers] == ["linear"]
     # Without freezing M drifts slowly with the running statistics: the bound uses its last value.
     _conjugate_check(
         _draws(mcmc), x, y, prior, noise, eps, batch, m=_bnp_matrix(pre), max_bound=max_bound

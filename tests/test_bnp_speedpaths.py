@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from pyro_bnp.bnp import BNP
 from pyro_bnp.layers import RunningInputStats
-from pyro_bnp.preconditioners import LayerRef, Preconditioner
+from pyro_bnp.preconditioners import LayerRef, standard_normal_like
 
 DT = torch.float64
 
@@ -61,7 +61,12 @@ def _setup(
 @pytest.mark.parametrize("layer", LAYERS, ids=[c[0] for c in LAYERS])
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 1e-70])
 def test_fused_step_matches_generic(layer: tuple, temperature: float, others: str) -> None:
-    # 1e-70: the noise scale is below the fused path's range, so the generic path runs
+    """BNP's fused parts (noise minus drift, move) equal the SGLD equation from its maps alone.
+
+    The reference is ``theta + s A (xi - k A^T g)`` written here from :meth:`apply_at` and
+    :meth:`apply_a` (no fused code). 1e-70: the noise scale is below the integrator's range
+    for fused scalars, so its tiny-scale guard runs.
+    """
     _, make, shape = layer
     ref, params = _setup(make, shape)
     pre = BNP(others=others)
@@ -71,9 +76,11 @@ def test_fused_step_matches_generic(layer: tuple, temperature: float, others: st
     pre.update(grads)
     eps = 1e-3
     fused = pre.step(params, grads, eps, temperature, torch.Generator().manual_seed(5))
-    generic = Preconditioner.step(
-        pre, params, grads, eps, temperature, torch.Generator().manual_seed(5)
-    )
+    xi = standard_normal_like(params, torch.Generator().manual_seed(5))
+    s, half = math.sqrt(eps * temperature), eps / 2
+    at = pre.apply_at(grads)
+    au = pre.apply_a({k: xi[k] - (half / s) * at[k] for k in params})
+    generic = {k: params[k] + s * au[k] for k in params}
     assert list(fused) == list(params)
     for k in params:
         assert fused[k].shape == params[k].shape
@@ -221,7 +228,7 @@ def test_frozen_statistics_unhook_the_layers_and_thawing_rehooks_them() -> None:
     for _ in range(10):
         z = kernel.sample(z)
         draws.append(z["linear.weight"])
-    (layer,) = kernel._layers
+    (layer,) = kernel.layers
     assert layer.stats.frozen and not module._forward_pre_hooks
     assert layer.stats.num_batches == 5  # the initial evaluation and 4 warmup updates
     assert torch.stack(draws).unique(dim=0).shape[0] == 10  # the chain moved
@@ -301,11 +308,11 @@ def test_others_combines_with_prior_cap() -> None:
     both, cap = BNP(prior_cap=1.0, others="rmsprop"), BNP(prior_cap=1.0)
     priors = {"layer": (1.0, 1e-4)}  # a stiff weight prior: the cap engages
     grads = {k: torch.ones_like(v) for k, v in params.items()}
+    eps = 1e-2
     for p in (both, cap):
         p.init(params, num_data=50.0, layers=(ref,))
         p.set_priors(priors)
-        p.update(grads)
-    eps = 1e-2
+        p.update(grads, eps)  # the cap follows the step size passed to update
     a = both.step(params, grads, eps, 1.0, torch.Generator().manual_seed(9))
     b = cap.step(params, grads, eps, 1.0, torch.Generator().manual_seed(9))
     plain = BNP()

@@ -93,11 +93,11 @@ def test_prior_cap_bounds_the_stability_number(case):
     pre = BNP(prior_cap=kappa)
     pre.init(params, num_data=50.0, layers=(ref,))
     pre.set_priors(priors)
-    pre._set_cap_step_size(eps)
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    pre.update(grads, eps)  # the step size the cap is computed for
     nu = pre.prior_stability(eps, priors)["layer"]
     assert nu <= kappa * (1 + 1e-9)
     assert nu > 0.2 * kappa  # not shrunk needlessly: the bound is within 2x, the floor exact
-    grads = {k: torch.randn_like(v) for k, v in params.items()}
     drift = pre.drift(grads)
     for neuron in range(params["layer.weight"].shape[0]):
         m = pre.dense_matrix("layer", neuron).double()

@@ -6,7 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_bnp.kernel import _iid_normal_log_prob_sum
+from pyro_bnp.potential import _iid_normal_log_prob_sum
 
 
 @pytest.mark.parametrize("loc", [0.0, 1.5])

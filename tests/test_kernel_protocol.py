@@ -21,6 +21,7 @@ import torch.multiprocessing
 from protocol_models import BNN, Faulty, Recorder, make_bnn_data
 from pyro.infer import MCMC
 from pyro.infer.mcmc.api import StreamingMCMC
+from seams import WrappedPotential, evaluate
 from sgld_models import gaussian_target, linreg, make_linreg_data
 
 from pyro_bnp import SGLD, RMSprop
@@ -52,7 +53,7 @@ def test_setup_is_cheap_and_installs_no_hooks(seed):
     kernel = SGLD(net, step_size=1e-4, preconditioner="bnp", subsample_size={"data": 8})
     kernel.setup(0, x, y)
     assert net.seen == [(8, 3)], "setup runs the model once, on one batch"
-    assert _num_hooks(net) == 0 and kernel._layers == ()
+    assert _num_hooks(net) == 0 and kernel.layers == ()
     assert set(kernel.transforms) == BNN_SITES
     assert set(kernel.initial_params) == BNN_SITES
 
@@ -77,22 +78,22 @@ def test_setup_resets_all_chain_state(seed):
     z = first
     for _ in range(5):
         z = kernel.sample(z)
-    old_stats = [ref.stats for ref in kernel._layers]
+    old_stats = [ref.stats for ref in kernel.layers]
     assert all(s.num_batches == 6 for s in old_stats)
     assert kernel.preconditioner.rmsprop.v and len(kernel.diagnostics()["lp"]) == 3
 
     kernel.setup(2, x, y)  # a new chain
     assert _num_hooks(net) == 0, "setup removes the previous chain's hooks"
     pre = kernel.preconditioner
-    assert pre.rmsprop.v == {} and pre._blocks == {} and not pre.frozen
-    assert kernel._t == 0 and kernel._draw == 0 and not kernel._started
-    assert kernel._layers == () and kernel._perms == {} and kernel._rejected_in_row == 0
+    assert pre.rmsprop.v == {} and pre.layer_summary() == {} and not pre.frozen
+    assert kernel.chain.t == 0 and kernel.chain.draw == 0 and not kernel.chain.started
+    assert kernel.layers == () and kernel.chain.perms == {} and kernel.chain.rejected_in_row == 0
     diag = kernel.diagnostics()
     assert all(diag[k] == [] for k in DIAG_KEYS) and diag["warmup_divergences"] == 0
     assert diag["rng_seed"] != seed1
     assert any(not torch.equal(first[k], kernel.initial_params[k]) for k in first)
     kernel.sample(kernel.initial_params)
-    new_stats = [ref.stats for ref in kernel._layers]
+    new_stats = [ref.stats for ref in kernel.layers]
     assert all(s.num_batches == 2 for s in new_stats), "fresh layer statistics"
     assert not any(a is b for a in new_stats for b in old_stats)
     kernel.cleanup()
@@ -151,17 +152,14 @@ def test_thin_counts_evaluations_and_records_schedule(seed, schedule):
     x, y = _linreg_data()
     model = Recorder()
     kernel = SGLD(model, step_size=schedule, preconditioner="identity", thin=thin)
-    evaluations = []
-    evaluate = kernel._evaluate
-    kernel._evaluate = lambda z, *a: evaluations.append(1) or evaluate(z, *a)  # type: ignore[method-assign]
     mcmc = _mcmc(kernel, num_samples=num_samples, warmup_steps=warmup)
     mcmc.run(x, y)
-    assert len(evaluations) == (warmup + num_samples) * thin + 1
-    assert len(model.calls) == len(evaluations) + 1  # plus the set-up trace
+    # one evaluation per update and one at the initial point, plus the set-up trace
+    assert len(model.calls) == (warmup + num_samples) * thin + 1 + 1
     expected = [schedule((warmup + i + 1) * thin - 1) for i in range(num_samples)]
     assert kernel.diagnostics()["step_size"] == expected  # last update of each draw
     assert len(set(expected)) == num_samples
-    assert kernel._t == (warmup + num_samples) * thin
+    assert kernel.chain.t == (warmup + num_samples) * thin
 
 
 # -- several chains -------------------------------------------------------------------------
@@ -175,9 +173,13 @@ def test_sequential_chains_are_fresh(seed, monkeypatch):
 
     def hook(k, params, stage, i):
         if stage.startswith("Warmup") and i == 0:  # after the first draw of each chain
-            _, g0 = k._evaluate(k.initial_params)
-            fresh = all(torch.equal(pre.v[s], (g0[s] / n).square()) for s in g0)
-            starts.append((k._t, k._draw, fresh, k.diagnostics()["rng_seed"]))
+            _, g0 = evaluate(k, k.initial_params)
+            # V of a fresh chain is (g0 / N)^2 from the first gradient; a V carried over from
+            # the previous chain would be far off. (Not bitwise: the kernel multiplies by 1/N.)
+            fresh = all(
+                torch.allclose(pre.v[s], (g0[s] / n).square(), rtol=1e-6, atol=0.0) for s in g0
+            )
+            starts.append((k.chain.t, k.chain.draw, fresh, k.diagnostics()["rng_seed"]))
 
     with pytest.warns(UserWarning, match="sequentially"):
         mcmc = _mcmc(kernel, num_samples=6, warmup_steps=3, num_chains=2, hook_fn=hook)
@@ -256,7 +258,7 @@ def test_parallel_chains_in_spawned_processes(seed, monkeypatch, model):
     if net is not None:
         # the parent only ran setup(0) for the transforms: one batch, no hooks
         assert net.seen == [(10, 3)]
-        assert _num_hooks(net) == 0 and kernel._hooks is None
+        assert _num_hooks(net) == 0 and kernel.hooks is None
 
 
 def test_streaming_mcmc(seed):
@@ -318,8 +320,8 @@ def test_int_subsample_size_finds_the_observation_plate(seed):
     kernel = SGLD(two_plates, step_size=1e-4, preconditioner="identity", subsample_size=5)
     kernel.setup(0, x, y, seen)
     assert seen == [50], "an int spec costs one full-data run at set-up"
-    assert kernel._inject == {"data": (50, 5)} and kernel.subsample_size == {"data": 5}
-    assert kernel._num_data == 50
+    assert kernel.potential.plates == {"data": (50, 5)} and kernel.subsample_size == {"data": 5}
+    assert kernel.potential.num_data == 50
     z = kernel.initial_params
     for _ in range(3):
         z = kernel.sample(z)
@@ -334,8 +336,8 @@ def test_model_that_subsamples_itself(seed):
     kernel = SGLD(model, step_size=1e-4, preconditioner="rmsprop")
     mcmc = _mcmc(kernel, num_samples=4, warmup_steps=2)
     mcmc.run(x, y)
-    assert kernel._own_plates == {"data": (50, 8)} and kernel._inject == {}
-    assert kernel._num_data == 50  # RMSprop's per-datum scale uses N, not B
+    assert kernel.potential.own_plates == {"data": (50, 8)} and kernel.potential.plates == {}
+    assert kernel.potential.num_data == 50  # RMSprop's per-datum scale uses N, not B
     assert len(model.calls) == 8 and all(len(i) == 8 for i in model.calls)
     assert torch.all(mcmc.get_samples()["s"] > 0)
 
@@ -392,11 +394,9 @@ def test_non_finite_proposal_is_rejected_without_evaluation(seed):
     kernel = SGLD(gaussian_target, step_size=1e10, preconditioner="identity")
     kernel.setup(0, loc, 1e-150)  # gradient 1e300 * theta: the proposal overflows
     z0 = {"theta": torch.ones(2, dtype=torch.float64)}
-    evaluations = []
-    evaluate = kernel._evaluate
-    kernel._evaluate = lambda z, *a: evaluations.append(1) or evaluate(z, *a)  # type: ignore[method-assign]
+    kernel.potential = counting = WrappedPotential(kernel.potential)
     z1 = kernel.sample(z0)
-    assert torch.equal(z1["theta"], z0["theta"]) and len(evaluations) == 1  # only the start
+    assert torch.equal(z1["theta"], z0["theta"]) and counting.calls == 1  # only the start
     assert kernel.diagnostics()["diverging"] == [True]
 
 
@@ -564,12 +564,12 @@ def test_bnp_on_pyro_module_bnn(seed, preconditioner):
         kernel,
         num_samples=5,
         warmup_steps=5,
-        hook_fn=lambda k, *_: during.append((_num_hooks(net), len(k._layers))),
+        hook_fn=lambda k, *_: during.append((_num_hooks(net), len(k.layers))),
     )
     mcmc.run(x, y)
     assert during == [(2, 2)] * 10
-    assert [ref.name for ref in kernel._layers] == ["fc1", "fc2"]
-    for ref in kernel._layers:
+    assert [ref.name for ref in kernel.layers] == ["fc1", "fc2"]
+    for ref in kernel.layers:
         assert ref.stats.num_batches == 11 and ref.stats.batch_size == 10
     assert _num_hooks(net) == 0
     samples = mcmc.get_samples()
@@ -610,7 +610,7 @@ def test_bnp_without_layers_warns_once(seed):
             for _ in range(3):
                 z = kernel.sample(z)
     assert len(record) == 1
-    assert kernel._layers == ()
+    assert kernel.layers == ()
 
 
 def test_kernel_pickles_mid_chain_with_hooks(seed):

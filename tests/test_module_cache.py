@@ -8,12 +8,15 @@ Each test evaluates the same state both ways: with the fast path, and with it sw
 
 from __future__ import annotations
 
+import copy
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from protocol_models import BNN, make_bnn_data
 from pyro.nn import PyroModule, PyroSample
+from seams import evaluate
 from torch import nn
 
 from pyro_bnp import SGLD
@@ -74,16 +77,14 @@ class CacheClearing(BNN):
 
 
 def _both_ways(kernel: SGLD, z: Params) -> tuple[tuple[float, Params], tuple[float, Params]]:
-    rng, perms, pos = kernel._rng.get_state(), dict(kernel._perms), dict(kernel._pos)
-    fast = kernel._evaluate(z)
-    sites, kernel._module_sites = kernel._module_sites, {}
-    # the same mini-batch
-    kernel._rng.set_state(rng)
-    kernel._perms, kernel._pos = perms, pos
-    try:
-        slow = kernel._evaluate(z)
-    finally:
-        kernel._module_sites = sites
+    """The potential on one mini-batch, with and without the PyroModule cache path."""
+    pot, chain = kernel.potential, kernel.chain
+    indices = pot.next_indices(chain.perms, chain.pos, chain.rng)
+    fast = pot(z, indices, hooks=kernel.hooks)
+    general = copy.copy(pot)
+    general.disable_fast_path()
+    slow = general(z, indices, hooks=kernel.hooks)
+    assert pot.fast_sites and not general.fast_sites
     return fast, slow
 
 
@@ -99,12 +100,13 @@ def test_which_sites_take_the_fast_path(seed):
     x, y = make_bnn_data(n=30)
     kernel = SGLD(MixedPriors(), 1e-4, preconditioner="identity")
     kernel.setup(0, x.double(), y.double())
-    sites = kernel._module_sites
-    assert set(sites) == {"fc1.weight", "fc1.bias", "fc2.weight", "scale"}
-    assert sites["fc1.weight"].iid is not None and sites["fc1.bias"].iid is not None
-    assert sites["fc1.bias"].iid[0] == 1.5
-    assert sites["fc2.weight"].iid is None  # Laplace: log_prob in the graph
-    assert sites["scale"].iid is None  # LogNormal, positive: log_prob + log-det-Jacobian
+    pot = kernel.potential
+    assert pot.fast_sites == {"fc1.weight", "fc1.bias", "fc2.weight", "scale"}
+    # closed form: the fixed i.i.d. Normal priors
+    assert "fc1.weight" in pot.priors and "fc1.bias" in pot.priors
+    assert pot.priors["fc1.bias"].loc == 1.5
+    assert "fc2.weight" not in pot.priors  # Laplace: log_prob in the graph
+    assert "scale" not in pot.priors  # LogNormal, positive: log_prob + log-det-Jacobian
 
 
 @pytest.mark.parametrize("subsample", [None, {"data": 8}])
@@ -127,7 +129,7 @@ def test_bnn_float32_with_bnp_hooks(seed):
     x, y = make_bnn_data(n=40)
     kernel = SGLD(BNN(dtype=torch.float32), 1e-4, subsample_size={"data": 10})
     kernel.setup(0, x.float(), y.float())
-    assert set(kernel._module_sites) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+    assert kernel.potential.fast_sites == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
     kernel.sample(kernel.initial_params)  # installs the hooks
     z = _perturbed(kernel, seed)
     (lp_fast, g_fast), (lp_slow, g_slow) = _both_ways(kernel, z)
@@ -151,7 +153,7 @@ def test_prior_only_module(seed):
     kernel = SGLD(PriorOnly(), 1e-2, preconditioner="identity")
     kernel.setup(0)
     z = {"w": torch.tensor([1.0, -2.0, 0.5])}
-    lp, grads = kernel._evaluate(z)
+    lp, grads = evaluate(kernel, z)
     expected = dist.Normal(0.0, 2.0).log_prob(z["w"]).sum()
     assert lp == pytest.approx(float(expected), rel=1e-6)
     assert torch.allclose(grads["w"], z["w"] / 4.0)
@@ -163,24 +165,22 @@ def test_bypassed_cache_falls_back_to_the_general_path(seed):
     model = CacheClearing()
     kernel = SGLD(model, 1e-4, preconditioner="bnp", subsample_size={"data": 10})
     kernel.setup(0, x, y)
-    assert kernel._module_sites  # eligible at set-up (the first call did not clear)
+    assert kernel.potential.fast_sites  # eligible at set-up (the first call did not clear)
     z = kernel.initial_params
     with pytest.warns(RuntimeWarning, match="did not come from the PyroModule cache"):
         kernel.sample(z)
-    assert kernel._module_sites == {}
+    assert kernel.potential.fast_sites == set()
     # statistics: the initial evaluation's batch once (not the discarded run too), one update
-    stats = [layer.stats.num_batches for layer in kernel._layers]
+    stats = [layer.stats.num_batches for layer in kernel.layers]
     assert stats == [2, 2]
     # and the evaluation equals a kernel that never had the fast path
     reference = SGLD(BNN(), 1e-4, preconditioner="identity", subsample_size={"data": 10})
     reference.setup(0, x, y)
-    reference._module_sites = {}
+    reference.potential.disable_fast_path()
     z1 = _perturbed(kernel, seed)
-    kernel._pos, reference._pos = {}, {}
-    kernel._rng.manual_seed(1)
-    reference._rng.manual_seed(1)
-    lp, g = kernel._evaluate(z1)
-    lp_ref, g_ref = reference._evaluate(z1)
+    indices = {"data": torch.randperm(30, generator=torch.Generator().manual_seed(1))[:10]}
+    lp, g = kernel.potential(z1, indices, hooks=kernel.hooks)
+    lp_ref, g_ref = reference.potential(z1, indices)
     assert lp == pytest.approx(lp_ref, rel=1e-12)
     for k in g:
         assert torch.allclose(g[k], g_ref[k], rtol=1e-12, atol=1e-12), k
@@ -207,7 +207,7 @@ def test_shared_gradient_tensors_are_not_updated_in_place(seed):
     x, y = x.double(), y.double()
     kernel = SGLD(SharedGradient(), 1e-4, preconditioner="identity")
     kernel.setup(0, x, y)
-    assert set(kernel._module_sites) == {"w1", "w2"}
+    assert kernel.potential.fast_sites == {"w1", "w2"}
     z = _perturbed(kernel, seed)
     (lp_fast, g_fast), (lp_slow, g_slow) = _both_ways(kernel, z)
     assert lp_fast == pytest.approx(lp_slow, rel=1e-12)

@@ -1,0 +1,234 @@
+"""Chain state as a value, and the guards every sampler applies to a proposal (pure torch).
+
+:class:`ChainState` holds everything that makes a chain continue exactly: the position, the
+cached mini-batch log density and gradient there, the counters, the rejection count, the random
+generator and the mini-batch index stream. :meth:`ChainState.to_dict` and
+:meth:`ChainState.from_dict` are the checkpoint format (format 1, with the preconditioner's
+state added by the kernel). :func:`check_proposal` and :meth:`ChainState.reject` are the guards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ChainState", "DrawStats", "check_proposal", "norm"]
+
+FORMAT = 1
+
+
+def norm(values: Mapping[str, Tensor]) -> float:
+    """Euclidean norm over all tensors, one pass each (inf or nan if any entry is not finite)."""
+    out = math.hypot(*(float(torch.linalg.vector_norm(v)) for v in values.values()))
+    if math.isinf(out) and all(bool(torch.isfinite(v).all()) for v in values.values()):
+        # finite entries whose squares overflow: rescale (rare, so the extra passes are fine)
+        big = max(float(v.abs().max()) for v in values.values())
+        out = big * math.hypot(*(float(torch.linalg.vector_norm(v / big)) for v in values.values()))
+    return out
+
+
+def max_abs(values: Mapping[str, Tensor]) -> float:
+    """Largest absolute entry over all tensors (nan if any entry is nan): one reduction each."""
+    out = 0.0
+    for v in values.values():
+        if v.numel():
+            m = float(v.abs().max())
+            if not m <= out:  # larger, or nan
+                out = m
+    return out
+
+
+def check_proposal(
+    z: Mapping[str, Tensor], max_abs_param: float, update: int, step_size: float, name: str
+) -> tuple[bool, dict[str, float]]:
+    """Return ``(finite, norms)`` of a proposal; raise if it exploded past ``max_abs_param``.
+
+    ``norms`` are the Euclidean norms per site (the potential reuses them for closed-form
+    priors). ``|theta|_inf <= |theta|_2``, so the cheap norms settle the usual case in one pass
+    each; only a large or non-finite one is looked at exactly.
+
+    Raises
+    ------
+    RuntimeError
+        If a finite entry exceeds ``max_abs_param`` (naming the update and a step size to try).
+    """
+    norms = {k: float(torch.linalg.vector_norm(v)) for k, v in z.items()}
+    largest = max(norms.values())
+    if not largest <= max_abs_param:  # large, or not finite: look exactly
+        largest = max_abs(z)
+    finite = math.isfinite(largest)
+    if finite and largest > max_abs_param:
+        raise RuntimeError(
+            f"{name}: the chain is exploding: update {update} moved a parameter to "
+            f"|theta| = {largest:.3g} > max_abs_param={max_abs_param:g} (step size "
+            f"{step_size:.3g}); try a smaller step size, e.g. {step_size / 10:.3g}"
+        )
+    return finite, norms
+
+
+@dataclass
+class ChainState:
+    """One chain's state (a value: :meth:`to_dict` / :meth:`from_dict` round-trip it).
+
+    Attributes
+    ----------
+    z : dict[str, Tensor]
+        Unconstrained position.
+    lp : float
+        Mini-batch log joint at ``z`` (the cached evaluation).
+    grads : dict[str, Tensor]
+        ``grad U_hat`` at ``z`` (same evaluation).
+    gnorm : float
+        Norm of ``grads``.
+    t : int
+        Updates done (schedules are evaluated at ``t``).
+    draw : int
+        Draws returned (warmup included).
+    eps : float
+        Step size of the last update.
+    rejected_in_row : int
+        Consecutive rejected updates.
+    rng_seed : int
+        Seed of :attr:`rng`.
+    rng : torch.Generator
+        Source of the noise and of the mini-batch permutations.
+    perms, pos : dict
+        The current permutation and position of every fed plate.
+    started : bool
+        Whether the first evaluation was done (``lp`` and ``grads`` are valid).
+    """
+
+    z: dict[str, Tensor]
+    rng_seed: int
+    rng: torch.Generator
+    lp: float = math.nan
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    gnorm: float = math.nan
+    t: int = 0
+    draw: int = 0
+    eps: float = math.nan
+    rejected_in_row: int = 0
+    perms: dict[str, Tensor] = field(default_factory=dict)
+    pos: dict[str, int] = field(default_factory=dict)
+    started: bool = False
+
+    @classmethod
+    def new(cls, z: Mapping[str, Tensor], seed: int) -> ChainState:
+        """Return a fresh chain at ``z`` with a generator seeded by ``seed``."""
+        return cls(z=dict(z), rng_seed=int(seed), rng=torch.Generator().manual_seed(int(seed)))
+
+    def accept(
+        self, z: dict[str, Tensor], lp: float, grads: dict[str, Tensor], gnorm: float
+    ) -> None:
+        """Move to an evaluated proposal."""
+        self.z, self.lp, self.grads, self.gnorm = z, lp, grads, gnorm
+        self.rejected_in_row = 0
+
+    def reject(self, max_rejections: int, name: str) -> None:
+        """Count a rejected update; raise after ``max_rejections`` in a row.
+
+        Raises
+        ------
+        RuntimeError
+            Naming the update and the step size.
+        """
+        self.rejected_in_row += 1
+        if self.rejected_in_row >= max_rejections:
+            raise RuntimeError(
+                f"{name}: {self.rejected_in_row} updates in a row gave a non-finite log "
+                f"density or gradient (last at update {self.t}, step size {self.eps:.3g}); "
+                "the step size is probably too large: try a smaller one, e.g. "
+                f"{self.eps / 10:.3g} (or raise max_rejections={max_rejections})"
+            )
+
+    def to_dict(self, preconditioner: dict[str, Any] | None) -> dict[str, Any]:
+        """Return the checkpoint (format 1): tensors cloned, plus the preconditioner's state."""
+        return {
+            "format": FORMAT,
+            "sites": {k: tuple(v.shape) for k, v in self.z.items()},
+            "z": {k: v.detach().clone() for k, v in self.z.items()},
+            "started": self.started,
+            "lp": self.lp,
+            "grads": {k: v.clone() for k, v in self.grads.items()},
+            "t": self.t,
+            "draw": self.draw,
+            "eps": self.eps,
+            "rejected_in_row": self.rejected_in_row,
+            "rng_seed": self.rng_seed,
+            "rng_state": self.rng.get_state(),
+            "perms": {k: v.clone() for k, v in self.perms.items()},
+            "pos": dict(self.pos),
+            "preconditioner": preconditioner,
+        }
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any], like: Mapping[str, Tensor]) -> ChainState:
+        """Rebuild a state from :meth:`to_dict`'s output; positions get ``like``'s dtypes.
+
+        Raises
+        ------
+        ValueError
+            If it is not a format 1 state, or its sites or shapes differ from ``like``'s.
+        """
+        if not isinstance(state, Mapping) or state.get("format") != FORMAT:
+            raise ValueError("load_state_dict: not a pyro_bnp chain state_dict (format 1)")
+        expected = {k: tuple(v.shape) for k, v in like.items()}
+        if dict(state["sites"]) != expected:
+            raise ValueError(
+                f"load_state_dict: the saved chain has sites {state['sites']}, this model has "
+                f"{expected}"
+            )
+        rng = torch.Generator()
+        rng.set_state(state["rng_state"])
+        return cls(
+            z={k: v.clone().to(like[k].dtype) for k, v in state["z"].items()},
+            rng_seed=int(state["rng_seed"]),
+            rng=rng,
+            lp=float(state["lp"]),
+            grads={k: v.clone() for k, v in state["grads"].items()},
+            t=int(state["t"]),
+            draw=int(state["draw"]),
+            eps=float(state["eps"]),
+            rejected_in_row=int(state["rejected_in_row"]),
+            perms={k: v.clone() for k, v in state["perms"].items()},
+            pos=dict(state["pos"]),
+            started=bool(state["started"]),
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        out = self.__dict__.copy()
+        out["rng"] = self.rng.get_state()
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rng = torch.Generator()
+        rng.set_state(state["rng"])
+        self.__dict__.update({**state, "rng": rng})
+
+
+@dataclass
+class DrawStats:
+    """Per-draw statistics of the post-warmup draws, and warmup divergences."""
+
+    lp: list[float] = field(default_factory=list)
+    step_size: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    diverging: list[bool] = field(default_factory=list)
+    warmup_divergences: int = 0
+    last_diverging: bool = False
+
+    def record(self, state: ChainState, diverging: bool, warmup: bool) -> None:
+        """Record the draw just made from ``state``."""
+        self.last_diverging = diverging
+        if warmup:
+            self.warmup_divergences += int(diverging)
+            return
+        self.lp.append(state.lp)
+        self.step_size.append(state.eps)
+        self.grad_norm.append(state.gnorm)
+        self.diverging.append(diverging)
