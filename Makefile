@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; a plain `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# extra pip arguments for torch, e.g. --index-url https://download.pytorch.org/whl/cpu
+PIP_TORCH_ARGS ?=
 BIN := $(VENV)/bin
 
 .PHONY: demo test test-full lint bench clean
@@ -14,12 +16,12 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed-demo: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[examples]"
 	touch $@
 
 $(VENV)/.installed-test: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
