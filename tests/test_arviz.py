@@ -126,6 +126,7 @@ def test_nuts_groups_dims_and_attrs(nuts_dt):
     assert post["sigma"].shape == (CHAINS, DRAWS)
     assert (post["sigma"] > 0).all()  # constrained draws
     assert dt.log_likelihood["obs"].dims == ("chain", "draw", "obs_id")
+    assert dt.log_likelihood["obs"].dtype == np.float64  # float32 models too (for PSIS-LOO)
     assert dt.posterior_predictive["obs"].shape == (CHAINS, DRAWS, N)
     assert dt.observed_data["obs"].dims == ("obs_id",)
     assert dt.constant_data["x"].dims == ("obs_id", "feature")
@@ -261,7 +262,15 @@ def test_model_ignoring_plate_indices_is_evaluated_whole(nuts, data):
 def test_latent_without_draws_is_an_error(nuts, data):
     samples = {k: v for k, v in nuts.get_samples(group_by_chain=True).items() if k != "b"}
     with pytest.raises(ValueError, match=r"\['b'\].*no posterior draws"):
-        from_pyro(samples=samples, model=linreg, model_args=data)
+        from_pyro(samples=samples, model=linreg, model_args=data, log_likelihood=True)
+    with pytest.raises(ValueError, match=r"\['b'\].*no posterior draws"):
+        from_pyro(samples=samples, model=linreg, model_args=data, posterior_predictive=True)
+    # by default (ArviZ's "when possible") the log-likelihood is left out with a warning; the
+    # observed data need no draws
+    with pytest.warns(UserWarning, match=r"log_likelihood left out.*\['b'\]"):
+        dt = from_pyro(samples=samples, model=linreg, model_args=data)
+    assert set(dt.children) == {"posterior", "observed_data"}
+    np.testing.assert_array_equal(dt.observed_data["obs"].values, data[1].numpy())
     dt = from_pyro(samples=samples, log_likelihood=False, observed_data=False)
     assert set(dt.children) == {"posterior"}
 
