@@ -8,6 +8,7 @@ from pyro_bnp.kernel import SGLD, init_to_median_or_sample
 from pyro_bnp.names import register_preconditioner
 from pyro_bnp.potential import MinibatchPotential
 from pyro_bnp.preconditioners import Identity, Preconditioner, RMSprop
+from pyro_bnp.sghmc import SGHMC
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BNP",
+    "SGHMC",
     "SGLD",
     "Identity",
     "MinibatchPotential",

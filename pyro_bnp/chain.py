@@ -101,6 +101,8 @@ class ChainState:
         The current permutation and position of every fed plate.
     started : bool
         Whether the first evaluation was done (``lp`` and ``grads`` are valid).
+    aux : dict[str, dict[str, Tensor]]
+        A sampler's own per-site state, e.g. SGHMC's ``"momentum"`` (saved with the rest).
     """
 
     z: dict[str, Tensor]
@@ -116,6 +118,7 @@ class ChainState:
     perms: dict[str, Tensor] = field(default_factory=dict)
     pos: dict[str, int] = field(default_factory=dict)
     started: bool = False
+    aux: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     @classmethod
     def new(cls, z: Mapping[str, Tensor], seed: int) -> ChainState:
@@ -164,6 +167,7 @@ class ChainState:
             "perms": {k: v.clone() for k, v in self.perms.items()},
             "pos": dict(self.pos),
             "preconditioner": preconditioner,
+            "aux": {g: {k: v.clone() for k, v in d.items()} for g, d in self.aux.items()},
         }
 
     @classmethod
@@ -198,6 +202,9 @@ class ChainState:
             perms={k: v.clone() for k, v in state["perms"].items()},
             pos=dict(state["pos"]),
             started=bool(state["started"]),
+            aux={  # absent in checkpoints of earlier versions
+                g: {k: v.clone() for k, v in d.items()} for g, d in state.get("aux", {}).items()
+            },
         )
 
     def __getstate__(self) -> dict[str, Any]:

@@ -376,7 +376,7 @@ class SGMCMC(MCMCKernel):
             _check_state(z, self._initial_params or {})
             self._evaluate_at(z, "at the parameters passed to sample() is not finite")
         if chain.draw in (0, self._warmup_steps):  # at the start and after warmup
-            self._show_warnings(self._step_size_at(chain.t))
+            self._show_warnings(self._sgld_equivalent(self._step_size_at(chain.t)))
         diverging = False
         for _ in range(self.thin):
             diverging = not self._update(chain) or diverging
@@ -390,6 +390,10 @@ class SGMCMC(MCMCKernel):
     def _update(self, chain: ChainState) -> bool:
         """One update of ``chain`` (in place); False if rejected. Each sampler writes its own."""
         raise NotImplementedError
+
+    def _sgld_equivalent(self, step_size: float) -> float:
+        """Return the SGLD step size of equal linear stability (for BNP's prior checks)."""
+        return step_size
 
     def _accept_or_reject(self, chain: ChainState, z_new: dict[str, Tensor]) -> bool:
         """Apply the guards: evaluate a proposal, move there if it is finite, else stay.
