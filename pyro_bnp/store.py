@@ -8,8 +8,11 @@ A store is a directory:
     ``step_size``, ``grad_norm``, ``diverging``). Files are written to a temporary name and
     renamed, so a crash leaves only complete files.
 ``checkpoint.pt``
-    Written (atomically) after every flush and every ``every`` warmup draws: the kernel's
-    :meth:`~pyro_bnp.SGLD.state_dict` plus how many draws and files are stored.
+    Written (atomically) at the start, after every flush and every ``every`` warmup draws: the
+    kernel's :meth:`~pyro_bnp.SGLD.state_dict` plus how many draws and files are stored. It
+    always describes a whole number of draws: an interrupt inside an update (or between an
+    update and the recording of its draw) flushes the buffered draws without a checkpoint, and
+    the resume redoes them from the last checkpoint (tested with Ctrl-C at 20 random moments).
 
 A crash, ``Ctrl-C`` or ``SIGKILL`` therefore loses at most the draws since the last flush.
 :func:`sample_to_store` starts a run or continues it from the checkpoint (the continued run
@@ -119,8 +122,13 @@ class DrawStore:
         if len(self._draws) >= self.every:
             self.flush()
 
-    def flush(self) -> None:
-        """Write the buffered draws as the next part file, then the checkpoint."""
+    def flush(self, checkpoint: bool = True) -> None:
+        """Write the buffered draws as the next part file, then the checkpoint.
+
+        ``checkpoint=False`` writes the draws only: for a kernel stopped in the middle of an
+        update, whose state belongs to no whole draw (a resume drops such part files and redoes
+        them from the last checkpoint, so it stays exact).
+        """
         if self._draws:
             data: dict[str, Any] = {}
             for name in self._draws[0]:
@@ -145,6 +153,12 @@ class DrawStore:
             self.next_part += 1
             self.stored += len(self._draws)
             self._draws, self._stats = [], []
+        if self.checkpoint and checkpoint:
+            self._write_checkpoint()
+
+    def start(self, kernel: Any) -> None:
+        """Checkpoint a kernel that is set up and has not sampled (the chain's first state)."""
+        self._kernel = kernel
         if self.checkpoint:
             self._write_checkpoint()
 
@@ -230,22 +244,29 @@ def sample_to_store(
     )
     if remaining_warmup + remaining > 0:
         kernel.setup(remaining_warmup, *args, **kwargs)
+        if saved is None:  # the chain's start (its seed, initial point), for an early interrupt
+            store.start(kernel)
+        # Checkpoints hold whole draws only: ``whole`` is false from the moment an update
+        # starts until its draw is recorded, and an interrupt (Ctrl-C, an exception) in that
+        # window writes the buffered draws without a checkpoint.
+        whole = True
         try:
             params = kernel.initial_params
-            bar = tqdm(total=remaining_warmup + remaining, disable=not progress, desc="SGLD")
-            for i in range(remaining_warmup):
+            bar = tqdm(
+                total=remaining_warmup + remaining, disable=not progress, desc=type(kernel).__name__
+            )
+            for i in range(remaining_warmup + remaining):
+                warm = i < remaining_warmup
+                whole = False
                 params = kernel.sample(params)
-                store(kernel, params, "Warmup", i)
+                store(kernel, params, "Warmup" if warm else "Sample", i)
+                whole = True
                 bar.update()
-            for i in range(remaining):
-                params = kernel.sample(params)
-                store(kernel, params, "Sample", i)
-                bar.update()
-                if i % 50 == 0:
+                if not warm and i % 50 == 0:
                     bar.set_postfix(kernel.logging(), refresh=False)
             bar.close()
         finally:
-            store.flush()
+            store.flush(checkpoint=whole)
             kernel.cleanup()
     if not load:
         return None

@@ -36,11 +36,26 @@ def data(n: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def make_kernel():
+class InterruptedBNN(SmallBNN):
+    """:class:`SmallBNN` that raises ``KeyboardInterrupt`` at its ``at``-th call (0-based), as a
+    Ctrl-C arriving in the middle of an update's gradient evaluation would."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        self.calls += 1
+        if self.calls - 1 == self.at:
+            raise KeyboardInterrupt
+        super().forward(x, y)
+
+
+def make_kernel(net: PyroModule | None = None):
     from pyro_bnp import BNP, SGLD, RMSprop, schedules
 
     return SGLD(
-        SmallBNN(),
+        SmallBNN() if net is None else net,
         step_size=schedules.Polynomial(2e-4, 50.0, 0.55),
         subsample_size={"data": 32},
         preconditioner=BNP(rmsprop=RMSprop()),

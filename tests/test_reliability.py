@@ -15,10 +15,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import MCMC
-from reliability_models import data, make_kernel
+from reliability_models import InterruptedBNN, data, make_kernel
 from seams import WrappedPotential
 from sgld_models import gaussian_target, linreg, make_linreg_data
 
+import pyro_bnp.store as store_module
 from pyro_bnp import SGLD
 from pyro_bnp.store import load_store, sample_to_store
 
@@ -59,6 +60,60 @@ def test_resume_through_store_equals_uninterrupted(tmp_path):
         assert torch.equal(torch.from_numpy(a[k]), torch.from_numpy(b[k])), k
     for k in ("lp", "step_size", "grad_norm"):
         assert np.array_equal(full["sample_stats"][k].values, resumed["sample_stats"][k].values)
+
+
+def _interrupted_then_resumed(tmp_path, name, *, model_call=None, store_call=None):
+    """One run stopped by KeyboardInterrupt (in the model or in the store hook), resumed."""
+    x, y = data()
+    directory = tmp_path / name
+    settings = {"num_samples": 60, "warmup_steps": 10, "every": 10, "progress": False}
+    real_call = store_module.DrawStore.__call__
+    calls = {"n": 0}
+
+    def interrupting_call(self, *args):
+        calls["n"] += 1
+        if calls["n"] == store_call:
+            raise KeyboardInterrupt
+        return real_call(self, *args)
+
+    pyro.set_rng_seed(1)
+    net = None if model_call is None else InterruptedBNN(model_call)  # (draws weights: seeded)
+    with pytest.raises(KeyboardInterrupt):
+        if store_call is not None:
+            store_module.DrawStore.__call__ = interrupting_call
+        try:
+            sample_to_store(make_kernel(net), directory, x, y, load=False, **settings)
+        finally:
+            store_module.DrawStore.__call__ = real_call
+    pyro.set_rng_seed(777)  # the global seed at resume time does not matter
+    sample_to_store(make_kernel(), directory, x, y, load=False, **settings)
+    return load_store(directory)
+
+
+def test_interrupt_at_random_moments_resumes_exactly(tmp_path):
+    """Ctrl-C at 20 random moments (inside an update's model run, or between a draw and its
+    recording): the resumed store equals the uninterrupted run bit for bit."""
+    x, y = data()
+    pyro.set_rng_seed(1)
+    sample_to_store(
+        make_kernel(), tmp_path / "ref", x, y, num_samples=60, warmup_steps=10, every=10,
+        progress=False, load=False,
+    )  # fmt: skip
+    reference = load_store(tmp_path / "ref")
+    ref = _posterior(reference)
+    rng = np.random.default_rng(2026)
+    moments = [("model", int(k)) for k in rng.integers(1, 140, size=14)]
+    moments += [("store", int(k)) for k in rng.integers(1, 70, size=6)]
+    for i, (where, k) in enumerate(moments):
+        kw = {"model_call": k} if where == "model" else {"store_call": k}
+        resumed = _interrupted_then_resumed(tmp_path, f"run{i}", **kw)
+        got = _posterior(resumed)
+        for site in ref:
+            assert np.array_equal(got[site], ref[site]), (where, k, site)
+        for stat in ("lp", "step_size", "grad_norm"):
+            assert np.array_equal(
+                resumed["sample_stats"][stat].values, reference["sample_stats"][stat].values
+            ), (where, k, stat)
 
 
 def test_resume_with_mcmc_equals_uninterrupted():
