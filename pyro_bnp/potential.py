@@ -127,11 +127,15 @@ class _LogJoint(_Plates):
         self.total: Tensor | float = 0.0
         self.cached = cached or {}  # sites the module cache should have answered
         self.bypassed: str | None = None
+        # (name, value, plates) of the observed sites, read only if the total is not finite
+        self.observed: list[tuple[str, Tensor, tuple[Any, ...]]] = []
 
     def _pyro_sample(self, msg: Any) -> None:
         super()._pyro_sample(msg)
         if msg["name"] in self.cached:  # the cache did not answer: the caller falls back
             self.bypassed = msg["name"]
+        if msg["is_observed"] and not isinstance(msg["fn"], _Subsample):
+            self.observed.append((msg["name"], msg["value"], tuple(msg["cond_indep_stack"])))
         value = self.values.get(msg["name"])
         if value is not None and not msg["is_observed"]:
             msg["value"] = value
@@ -287,10 +291,56 @@ def _exclusive(grads: Mapping[str, Tensor]) -> set[str]:
     }
 
 
+def _non_finite(value: Any, nan_only: bool = False) -> tuple[str, tuple[int, ...], int] | None:
+    """``(kind, index of the first, count)`` of the NaN/inf entries of a float tensor, or None."""
+    if not isinstance(value, Tensor) or not value.is_floating_point() or value.numel() == 0:
+        return None
+    bad = torch.isnan(value) if nan_only else ~torch.isfinite(value)
+    if not bool(bad.any()):
+        return None
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    kind = "NaN" if bool(torch.isnan(value[index])) else "inf"
+    return kind, index, int(bad.sum())
+
+
+def _closed_over(model: Callable[..., Any]) -> list[tuple[str, str, Any]]:
+    """Return the tensors a model reads besides its arguments, where they can be found.
+
+    A function's closure and the globals it names; a module's buffers and tensor attributes.
+    """
+    found: list[tuple[str, str, Any]] = []
+    if isinstance(model, nn.Module):
+        for module_name, module in model.named_modules():
+            for key, value in vars(module).items():
+                if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                    path = f"{module_name}.{key}" if module_name else key
+                    found.append((path, "tensor attribute of the model", value))
+            for key, value in module.named_buffers(recurse=False):
+                path = f"{module_name}.{key}" if module_name else key
+                found.append((path, "buffer of the model", value))
+        return found
+    target = getattr(model, "__func__", model)
+    if inspect.isfunction(target):
+        try:
+            cv = inspect.getclosurevars(target)
+        except (TypeError, ValueError):  # pragma: no cover - exotic callables
+            return found
+        found += [(k, "variable the model closes over", v) for k, v in cv.nonlocals.items()]
+        found += [(k, "global the model reads", v) for k, v in cv.globals.items()]
+    return found
+
+
 def _check_data(
     model: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> None:
-    """Raise a ValueError naming the argument and index of the first NaN in the model's data."""
+    """Raise a ValueError naming the tensor and index of the first NaN or inf in the data.
+
+    Checked: the model's arguments (NaN and inf), and for NaN the tensors it reads that can be
+    found without running it (a function's closure and the globals it names, a module's buffers
+    and tensor attributes, where an infinite bound or mask may be meant). Observed values
+    reached only while the model runs are checked when a log density is not finite
+    (:func:`_bad_observation`).
+    """
     try:
         target = model.forward if isinstance(model, nn.Module) else model
         names = list(inspect.signature(target).parameters)
@@ -300,15 +350,41 @@ def _check_data(
         (names[i] if i < len(names) else f"#{i}", f"positional argument {i}", a)
         for i, a in enumerate(args)
     ] + [(k, "keyword argument", v) for k, v in kwargs.items()]
-    for name, kind, value in items:
-        if isinstance(value, Tensor) and value.is_floating_point():
-            bad = torch.isnan(value)
-            if bool(bad.any()):
-                index = tuple(int(i) for i in bad.nonzero()[0])
-                raise ValueError(
-                    f"the data contain NaN: {kind} {name!r} (shape {tuple(value.shape)}) at index "
-                    f"{index} ({int(bad.sum())} NaN in all); remove or impute them before sampling"
-                )
+    num_args = len(items)
+    items += _closed_over(model)
+    for i, (name, kind, value) in enumerate(items):
+        bad = _non_finite(value, nan_only=i >= num_args)
+        if bad is not None:
+            what, index, count = bad
+            raise ValueError(
+                f"the data contain {what}: {kind} {name!r} (shape {tuple(value.shape)}) at "
+                f"index {index} ({count} non-finite values in all); remove or impute them "
+                "before sampling"
+            )
+
+
+def _bad_observation(
+    observed: list[tuple[str, Tensor, tuple[Any, ...]]], indices: Mapping[str, Tensor]
+) -> str | None:
+    """Describe the first observed value with NaN/inf entries (site, rows), or None."""
+    for name, value, stack in observed:
+        bad = _non_finite(value)
+        if bad is None:
+            continue
+        what, index, count = bad
+        where = f"at index {index} of the mini-batch"
+        for frame in stack:
+            idx = indices.get(frame.name)
+            if idx is not None and frame.dim is not None and -value.dim() <= frame.dim < 0:
+                pos = index[value.dim() + frame.dim]
+                where = f"at row {int(idx[pos])} of plate {frame.name!r}"
+                break
+        return (
+            f"the data contain {what}: the observed value of site {name!r} {where} "
+            f"({count} non-finite values in this mini-batch); every update whose mini-batch "
+            "holds such a row would be rejected; remove or impute them before sampling"
+        )
+    return None
 
 
 def _is_identity(t: Transform) -> bool:
@@ -594,6 +670,10 @@ class MinibatchPotential:
             for k, g in zip(names, grads, strict=True)
         }
         value = float(lp.detach())
+        if not math.isfinite(value):  # a rejected step: is it the data?
+            bad = _bad_observation(joint.observed, indices)
+            if bad is not None:
+                raise ValueError(bad)
         if not sites:
             return value, out
         owned = _exclusive(out)
