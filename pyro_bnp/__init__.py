@@ -4,6 +4,7 @@ from typing import Any
 
 from pyro_bnp import schedules
 from pyro_bnp.bnp import BNP
+from pyro_bnp.chain import Health
 from pyro_bnp.kernel import SGLD, init_to_median_or_sample
 from pyro_bnp.names import register_preconditioner
 from pyro_bnp.potential import MinibatchPotential
@@ -26,6 +27,7 @@ __all__ = [
     "BNP",
     "SGHMC",
     "SGLD",
+    "Health",
     "Identity",
     "MinibatchPotential",
     "Preconditioner",

@@ -118,6 +118,7 @@ from typing import Any
 
 import numpy as np
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 import xarray as xr
@@ -595,7 +596,11 @@ def _model_sites(
         if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
             continue
         sites.ndims[name] = torch.as_tensor(site["value"]).dim()
-        if site["is_observed"] and not (site.get("infer") or {}).get("_deterministic"):
+        if (
+            site["is_observed"]
+            and not (site.get("infer") or {}).get("_deterministic")
+            and not _is_factor(site)
+        ):
             sites.observed.append(name)
     return sites
 
@@ -857,7 +862,7 @@ class _Evaluator:
             if name in self.draws:
                 self.latent_shapes[name] = (fn.batch_shape, fn.event_shape)
             elif site["is_observed"]:
-                if not infer.get("_deterministic"):
+                if not infer.get("_deterministic") and not _is_factor(site):
                     obs.append(name)
             else:
                 missing.append(name)
@@ -1127,6 +1132,11 @@ def _batch_shape(fn: Any, value: Any) -> tuple[int, ...]:
         return tuple(torch.broadcast_shapes(batch, outer))
     except RuntimeError:  # the model's own error, raised where the model computes log_prob
         return batch
+
+
+def _is_factor(site: Mapping[str, Any]) -> bool:
+    """Whether a site is a ``pyro.factor`` term (log density, not an observation of data)."""
+    return isinstance(site["fn"], dist.Unit)
 
 
 def _declared(fn: _Subsample) -> bool:

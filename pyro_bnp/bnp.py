@@ -675,6 +675,34 @@ class BNP(Preconditioner):
             for name, v in params.items()
         }
 
+    def health(self) -> dict[str, str]:
+        """Layers with non-finite statistics; the inner RMSprop's and ``others``' problems."""
+        out: dict[str, str] = {}
+        for block in self._blocks.values():
+            stats = block.ref.stats
+            if not (
+                bool(torch.isfinite(stats.mean).all()) and bool(torch.isfinite(stats.var).all())
+            ):
+                out[block.ref.weight] = (
+                    f"BNP's input statistics of layer {block.ref.name!r} are not finite"
+                )
+        for inner in (self.rmsprop, self.others):
+            if inner is not None:
+                out.update(inner.health())
+        return out
+
+    def advice(self, site: str) -> str:
+        """Sites outside the layers get the identity under plain BNP: suggest ``others``."""
+        in_layer = any(site in (b.ref.weight, b.ref.bias) for b in self._blocks.values())
+        if not in_layer and self.rmsprop is None and self.others is None:
+            return (
+                "plain BNP gives sites outside the network's layers the identity (their raw "
+                "curvature sets the step): BNP(others='rmsprop') or preconditioner='bnp-others' "
+                "preconditions them"
+            )
+        inner = self.others if not in_layer else self.rmsprop
+        return "" if inner is None else inner.advice(site)
+
     def warnings(self, step_size: float) -> dict[str, Warning]:
         """No layer found; or a layer whose Gaussian prior BNP's ``M`` makes unstable.
 

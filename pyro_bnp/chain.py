@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ChainState", "DrawStats", "check_proposal", "norm"]
+__all__ = ["ChainState", "DrawStats", "Health", "HealthMonitor", "check_proposal", "norm"]
 
 FORMAT = 1
 
@@ -239,3 +239,131 @@ class DrawStats:
         self.step_size.append(state.eps)
         self.grad_norm.append(state.gnorm)
         self.diverging.append(diverging)
+
+
+@dataclass(frozen=True)
+class Health:
+    """Thresholds of the chain-health checks, run every ``every`` draws.
+
+    Cheap: one reduction and one comparison per site per check. Pass ``health=Health(...)``
+    to a kernel to change them, ``health=None`` to switch them off. A check that fires warns
+    once per site and kind (``RuntimeWarning``) and is recorded in
+    ``kernel.diagnostics()["health"]`` (exported to ArviZ with the other diagnostics).
+
+    Attributes
+    ----------
+    every : int
+        Draws between two checks.
+    prior_sds : float
+        A small site (at most 64 entries) whose unconstrained value is more than this many
+        prior standard deviations from the prior's median is running away.
+    lp_drop : float
+        The median mini-batch log density of the last ``every`` draws fell below the best such
+        median by more than this many times that window's median absolute deviation.
+    frozen : bool
+        Report a site whose value has not changed in ``every`` draws although updates were
+        accepted (its preconditioner entries are zero or not finite).
+    """
+
+    every: int = 100
+    prior_sds: float = 8.0
+    lp_drop: float = 20.0
+    frozen: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"Health: every must be a positive int, got {self.every!r}")
+        for name in ("prior_sds", "lp_drop"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"Health: {name} must be positive and finite, got {value!r}")
+
+
+class HealthMonitor:
+    """Runs :class:`Health`'s checks on a chain, draw by draw; collects named events.
+
+    Parameters
+    ----------
+    health : Health
+        The thresholds.
+    spread : Mapping[str, tuple[float, float]]
+        Per small site, ``(median, standard deviation)`` of its prior on the unconstrained space.
+    moves : bool
+        Whether a healthy site must move (false at temperature 0, where a site at a stationary
+        point legitimately stays).
+    """
+
+    def __init__(
+        self, health: Health, spread: Mapping[str, tuple[Tensor | float, float]], moves: bool = True
+    ) -> None:
+        self.health, self.spread, self.moves = health, dict(spread), moves
+        self.events: list[dict[str, Any]] = []
+        self._seen: set[tuple[str, str]] = set()
+        self._lps: list[float] = []
+        self._accepted = False
+        self._last: dict[str, Tensor] | None = None
+        self._best: tuple[float, float] | None = None  # (median, MAD) of the best window
+
+    def observe(
+        self,
+        chain: ChainState,
+        diverging: bool,
+        preconditioner_state: Mapping[str, str],
+        advice: Any,
+    ) -> list[str]:
+        """Record a draw; every ``every`` draws run the checks and return the new messages.
+
+        ``preconditioner_state``: site -> problem with the preconditioner's state there (from
+        :meth:`~pyro_bnp.Preconditioner.health`); ``advice(site)``: a remedy to append.
+        """
+        self._lps.append(chain.lp)
+        self._accepted = self._accepted or not diverging
+        if chain.draw % self.health.every:
+            return []
+        found: list[tuple[str, str, str]] = []
+        for site, problem in preconditioner_state.items():
+            found.append((site, "preconditioner", problem))
+        for site, (centre, sd) in self.spread.items():
+            v = chain.z.get(site)
+            if v is None or sd <= 0.0:
+                continue
+            dev = float((v - centre).abs().max()) / sd
+            if dev > self.health.prior_sds:
+                found.append((site, "runaway", f"it is {dev:.3g} prior standard deviations from "
+                              f"its prior's median on the unconstrained scale"))  # fmt: skip
+        if self.health.frozen and self.moves and self._last is not None and self._accepted:
+            for site, v in chain.z.items():
+                old = self._last.get(site)
+                if old is not None and torch.equal(old, v):
+                    detail = (
+                        f"its value has not changed in the last {self.health.every} draws "
+                        "although updates were accepted"
+                    )
+                    found.append((site, "frozen", detail))
+        window = sorted(x for x in self._lps if math.isfinite(x))
+        if window:
+            med = window[len(window) // 2]
+            mad = sorted(abs(x - med) for x in window)[len(window) // 2]
+            if self._best is not None and med < self._best[0] - self.health.lp_drop * max(
+                self._best[1], 1e-12
+            ):
+                drop = (self._best[0] - med) / max(self._best[1], 1e-12)
+                found.append(("log density", "lp_drop", f"the median log density of the last "
+                              f"{len(window)} draws fell {drop:.3g} median absolute deviations "
+                              f"below its best ({med:.4g} vs {self._best[0]:.4g})"))  # fmt: skip
+            if self._best is None or med > self._best[0]:
+                self._best = (med, mad)
+        self._lps, self._accepted = [], False
+        if self.health.frozen and self.moves:
+            self._last = {k: v.clone() for k, v in chain.z.items()}
+        messages = []
+        for site, what, detail in found:
+            self.events.append({"site": site, "check": what, "update": chain.t, "detail": detail})
+            if (site, what) not in self._seen:
+                self._seen.add((site, what))
+                hint = advice(site) if site != "log density" else ""
+                messages.append(
+                    f"chain health: site {site!r} at update {chain.t}: {detail}"
+                    + (f"; {hint}" if hint else "")
+                )
+        return messages

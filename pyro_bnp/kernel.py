@@ -28,7 +28,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor, nn
 from torch.distributions.transforms import Transform
 
-from pyro_bnp.chain import ChainState, DrawStats, check_proposal, norm
+from pyro_bnp.chain import ChainState, DrawStats, Health, HealthMonitor, check_proposal, norm
 from pyro_bnp.integrators import sgld_step
 from pyro_bnp.layers import LayerHooks, find_layers
 from pyro_bnp.names import make_preconditioner
@@ -155,6 +155,29 @@ def _check_names(names: Any) -> list[str]:
     return sorted(set(names))
 
 
+def _check_health(health: Any) -> Health | None:
+    if health is not None and not isinstance(health, Health):
+        raise ValueError(f"health must be a pyro_bnp.chain.Health or None, got {health!r}")
+    return health
+
+
+def _same_state(
+    params: Mapping[str, Tensor], returned: Mapping[str, Tensor] | None, z: Mapping[str, Tensor]
+) -> bool:
+    """Whether ``params`` is the chain's state ``z``.
+
+    With ``returned`` (the dict the kernel returned last, which Pyro passes back): identity
+    checks only, no tensor ops; without: the same sites and equal values.
+    """
+    if returned is not None:
+        return (
+            params is returned
+            and len(params) == len(z)
+            and all(params.get(k) is v for k, v in z.items())
+        )
+    return params.keys() == z.keys() and all(torch.equal(v, z[k]) for k, v in params.items())
+
+
 class SGMCMC(MCMCKernel):
     """The Pyro glue every stochastic-gradient kernel shares (a base class, not a sampler).
 
@@ -179,7 +202,9 @@ class SGMCMC(MCMCKernel):
         modules: nn.Module | Iterable[nn.Module] | None = None,
         max_rejections: int = 20,
         max_abs_param: float = 1e10,
+        health: Health | None = Health(),  # noqa: B008 (a frozen dataclass: immutable)
     ) -> None:
+        self.health = _check_health(health)
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
         self.model = model
@@ -216,6 +241,7 @@ class SGMCMC(MCMCKernel):
         self._initial_params: dict[str, Tensor] | None = None
         self._stats = DrawStats()
         self._returned: dict[str, Tensor] | None = None
+        self._monitor: HealthMonitor | None = None
 
     @property
     def initial_params(self) -> dict[str, Tensor]:
@@ -285,6 +311,8 @@ class SGMCMC(MCMCKernel):
         self.transforms = {k: t.inv for k, t in pot.transforms.items()}
         self.potential, self._initial_params = pot, z0
         self.chain = ChainState.new(z0, seed)
+        if self.health is not None:
+            self._monitor = HealthMonitor(self.health, pot.prior_spread, self.temperature > 0)
         # fresh preconditioner state at once (bound again with the layers by the first sample)
         self.preconditioner.bind(BindContext(z0, pot.num_data, (), pot.priors))
         self._resume_applied = False
@@ -363,19 +391,12 @@ class SGMCMC(MCMCKernel):
         chain = self.chain
         if chain is None:
             raise RuntimeError(f"{type(self).__name__}.sample() called before setup()")
-        # Pyro passes back the dict we returned last (identity checks only: no tensor ops)
-        returned = (
-            params is self._returned
-            and len(params) == len(chain.z)
-            and all(params.get(k) is v for k, v in chain.z.items())
-        )
+        returned = _same_state(params, self._returned, chain.z)
         z = chain.z if returned else {k: v.detach() for k, v in params.items()}
         if not chain.started:
             _check_state(z, self._initial_params or {})
             self._start(z)
-        elif not returned and not (
-            z.keys() == chain.z.keys() and all(torch.equal(v, chain.z[k]) for k, v in z.items())
-        ):
+        elif not returned and not _same_state(z, None, chain.z):
             # not the state this kernel returned last: the cached gradient does not apply
             _check_state(z, self._initial_params or {})
             self._evaluate_at(z, "at the parameters passed to sample() is not finite")
@@ -389,6 +410,10 @@ class SGMCMC(MCMCKernel):
         if chain.draw == self._warmup_steps and self.preconditioner.freeze_after_warmup:
             self.preconditioner.freeze()
         self._stats.record(chain, diverging, warmup=chain.draw <= self._warmup_steps)
+        if self._monitor is not None:
+            state, advice = self.preconditioner.health, self.preconditioner.advice
+            for message in self._monitor.observe(chain, diverging, state(), advice):
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
         return out
 
     def _update(self, chain: ChainState) -> bool:
@@ -515,7 +540,8 @@ class SGMCMC(MCMCKernel):
         ``step_size`` (of the draw's last update, so schedules can be checked),
         ``grad_norm`` (of ``grad U_hat``), ``diverging`` (a rejected update within the draw),
         ``divergences`` (post-warmup draw indices, as Pyro's ``MCMC.summary`` counts them),
-        ``warmup_divergences`` and ``rng_seed`` (the chain's generator seed).
+        ``warmup_divergences``, ``rng_seed`` (the chain's generator seed) and ``health`` (the
+        chain-health events: site, check, update, detail; :class:`pyro_bnp.chain.Health`).
         """
         st = self._stats
         return {
@@ -526,6 +552,7 @@ class SGMCMC(MCMCKernel):
             "divergences": [i for i, d in enumerate(st.diverging) if d],
             "warmup_divergences": st.warmup_divergences,
             "rng_seed": 0 if self.chain is None else self.chain.rng_seed,
+            "health": [] if self._monitor is None else list(self._monitor.events),
         }
 
     def __getstate__(self) -> dict[str, Any]:
@@ -612,6 +639,11 @@ class SGLD(SGMCMC):
     max_abs_param : float
         An update that takes any unconstrained parameter beyond this absolute value (the chain
         is exploding) raises an error naming the update and suggesting a step size.
+    health : pyro_bnp.Health or None
+        Thresholds of the chain-health checks (a site that runs away or stops moving, a log
+        density that falls far below its best, broken preconditioner state), run every
+        ``health.every`` draws; each finding warns once, naming the site, and is recorded in
+        ``diagnostics()["health"]``. None switches them off.
 
     Notes
     -----

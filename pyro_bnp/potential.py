@@ -393,6 +393,31 @@ def _is_identity(t: Transform) -> bool:
     return isinstance(t, ComposeTransform) and not t.parts
 
 
+def _prior_spread(
+    tr: Any, transforms: Mapping[str, Transform], max_numel: int = 64, draws: int = 32
+) -> dict[str, tuple[Tensor, float]]:
+    """Per small latent site: the median and a standard deviation of its prior, unconstrained.
+
+    From ``draws`` prior draws (the global random state is restored afterwards, so nothing
+    else changes); sites whose prior cannot be sampled are left out.
+    """
+    out: dict[str, tuple[Tensor, float]] = {}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for name, t in transforms.items():
+            site = tr.nodes[name]
+            if site["value"].numel() > max_numel:
+                continue
+            try:
+                u = t.inv(site["fn"].sample((draws,)))
+            except (NotImplementedError, ValueError, RuntimeError):
+                continue
+            u = u.reshape(draws, -1).double()
+            sd = float(u.std(0).median())
+            if math.isfinite(sd) and sd > 0.0:
+                out[name] = (u.median(0).values.reshape(site["value"].shape), sd)
+    return out
+
+
 class MinibatchPotential:
     r"""The mini-batch log density of a Pyro model and ``grad U_hat``, on the unconstrained space.
 
@@ -434,6 +459,9 @@ class MinibatchPotential:
         ``N``, the number of observations (product of the subsampled plates' sizes).
     priors : dict[str, NormalPrior]
         Sites with a fixed i.i.d. Normal prior on the unconstrained space.
+    prior_spread : dict[str, tuple[Tensor, float]]
+        Per small site (at most 64 entries), the prior's median and standard deviation on the
+        unconstrained space, from 32 prior draws (for the chain-health checks).
     fast_sites : frozenset of str
         Sites taken by the PyroModule cache path (their prior is added in closed form or by
         the prior's ``log_prob``; they never reach Pyro's handlers).
@@ -500,6 +528,7 @@ class MinibatchPotential:
                 priors[name] = NormalPrior(iid[0], 1.0 / iid[1])
         if not z0:
             raise ValueError("the model has no latent sample sites to sample")
+        self.prior_spread = _prior_spread(tr, to_constrained)
         self.initial_params = z0
         self.transforms = to_constrained
         self._identity = {k for k, t in to_constrained.items() if _is_identity(t)}

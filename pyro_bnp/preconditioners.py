@@ -242,6 +242,17 @@ class Preconditioner:
         """
         return {}
 
+    def health(self) -> dict[str, str]:
+        """Sites whose preconditioner state is broken (not finite, or ``M = 0``) -> the problem.
+
+        The kernel's chain-health checks (:class:`pyro_bnp.chain.Health`) report them by name.
+        """
+        return {}
+
+    def advice(self, site: str) -> str:
+        """Return a remedy to suggest when ``site`` runs away under this preconditioner, or ""."""
+        return ""
+
     # -- the maps ----------------------------------------------------------------------
     def apply_at(self, grads: Mapping[str, Tensor]) -> Params:
         """Return ``A^T g`` per site (may return ``grads``' own tensors: do not modify them)."""
@@ -429,6 +440,25 @@ class RMSprop(Preconditioner):
             n: torch.addcmul(v, u[n], self._root[n], value=scale, out=u[n])
             for n, v in params.items()
         }
+
+    def health(self) -> dict[str, str]:
+        """Sites where ``V`` is not finite (``M = 0``: the site stops moving) or ``G`` is 0."""
+        out = {}
+        for k, v in self.v.items():
+            if not bool(torch.isfinite(v).all()):
+                out[k] = (
+                    "RMSprop's second moment V is not finite there, so M = 1 / (eps + sqrt(V)) is "
+                    "0 and the site no longer moves (its gradient overflowed)"
+                )
+        return out
+
+    def advice(self, site: str) -> str:
+        """RMSprop's ``M`` reaches ``1 / eps`` where a site's gradient vanishes."""
+        return (
+            f"RMSprop's M grows up to 1/eps = {1.0 / self.eps:.3g} where the per-datum gradient "
+            "vanishes, and the noise with it: use a smaller step size, freeze_after_warmup=True "
+            "or a larger eps"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Include ``V``."""

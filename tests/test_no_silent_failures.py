@@ -3,14 +3,19 @@ each now ends in a correct result or in an error/warning that names the site and
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import MCMC
+from pyro.nn import PyroModule, PyroSample
 from sgld_models import linreg, make_linreg_data
+from torch import nn
 
-from pyro_bnp import SGLD
+from pyro_bnp import SGLD, Health
 
 
 # -- case 5: bad data that slipped through ---------------------------------------------------
@@ -61,3 +66,115 @@ def test_inf_in_data_reached_only_at_run_time_is_named_at_the_first_bad_batch(se
     mcmc = MCMC(kernel, num_samples=30, warmup_steps=0, disable_progbar=True)
     with pytest.raises(ValueError, match=r"site 'y' at row 123 of plate 'data'.*remove or impute"):
         mcmc.run()
+
+
+# -- case 2: a chain that freezes (RMSprop's V overflowed: M = 0) ----------------------------
+def overflowing(y):
+    # a log density term with a huge but finite gradient: its square overflows float32, so
+    # RMSprop's V is inf and M = 1 / (eps + sqrt(V)) = 0 for theta (the user's matrix
+    # factorisation: sigma's V became inf and sigma stayed at 7.6e12 for every draw)
+    theta = pyro.sample("theta", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    pyro.factor("huge", 1e21 * theta.sum())
+    mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def test_frozen_site_and_broken_preconditioner_state_are_named(seed):
+    y = torch.randn(20)
+    kernel = SGLD(overflowing, 1e-3, preconditioner="rmsprop", health=Health(every=20))
+    mcmc = MCMC(kernel, num_samples=40, warmup_steps=0, disable_progbar=True)
+    with pytest.warns(RuntimeWarning) as caught:
+        mcmc.run(y)
+    messages = [str(w.message) for w in caught]
+    assert any("site 'theta'" in m and "second moment V is not finite" in m for m in messages)
+    assert any(
+        "site 'theta'" in m and "has not changed in the last 20 draws" in m for m in messages
+    )
+    assert not any("site 'mu'" in m for m in messages)  # the healthy site is not blamed
+    events = kernel.diagnostics()["health"]
+    assert {(e["site"], e["check"]) for e in events} >= {
+        ("theta", "preconditioner"),
+        ("theta", "frozen"),
+    }
+    # and the export keeps them
+    from pyro_bnp import from_pyro
+
+    dt = from_pyro(mcmc, log_likelihood=False)
+    assert "frozen" in dt["sample_stats"].attrs["pyro_diagnostics"]
+
+
+def test_healthy_chain_raises_no_health_warning(seed):
+    y = torch.randn(20)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        s = pyro.sample("s", dist.HalfNormal(1.0))
+        with pyro.plate("data", y.shape[0]):
+            pyro.sample("y", dist.Normal(mu, s), obs=y)
+
+    kernel = SGLD(model, 1e-3, preconditioner="rmsprop", health=Health(every=20))
+    MCMC(kernel, num_samples=200, warmup_steps=50, disable_progbar=True).run(y)  # warnings: errors
+    assert kernel.diagnostics()["health"] == []
+
+
+# -- case 3: the default preconditioner lets a scalar site outside the layers run away --------
+class TemperedDigits(PyroModule):
+    """64-32-10 BNN on scikit-learn's digits, logits divided by a LogNormal(0, 1) temperature."""
+
+    def __init__(self, temperature: bool = True) -> None:
+        super().__init__()
+        self.fc1 = PyroModule[nn.Linear](64, 32)
+        self.fc1.weight = PyroSample(dist.Normal(0.0, 1.0).expand([32, 64]).to_event(2))
+        self.fc1.bias = PyroSample(dist.Normal(0.0, 1.0).expand([32]).to_event(1))
+        self.fc2 = PyroModule[nn.Linear](32, 10)
+        self.fc2.weight = PyroSample(dist.Normal(0.0, 1.0).expand([10, 32]).to_event(2))
+        self.fc2.bias = PyroSample(dist.Normal(0.0, 1.0).expand([10]).to_event(1))
+        self.tempered = temperature
+
+    def forward(self, x, y=None):
+        for layer in (self.fc1, self.fc2):
+            _ = layer.weight, layer.bias
+        temp = pyro.sample("temperature", dist.LogNormal(0.0, 1.0)) if self.tempered else 1.0
+        with pyro.plate("data", x.shape[0]) as idx:
+            logits = self.fc2(torch.tanh(self.fc1(x[idx]))) / temp
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=None if y is None else y[idx])
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    xs, ys = load_digits(return_X_y=True)
+    return torch.tensor(xs / 16.0, dtype=torch.float32), torch.tensor(ys)
+
+
+def test_runaway_temperature_under_plain_bnp_is_named_with_the_fix(seed):
+    """Measured: at step size 3e-3 plain BNP sends the temperature to ~5e4 (two seeds); the
+    check names it after 50 draws and points to BNP(others='rmsprop')."""
+    x, y = _digits()
+    kernel = SGLD(TemperedDigits(), 3e-3, subsample_size={"data": 64}, health=Health(every=50))
+    with pytest.warns(RuntimeWarning, match=r"site 'temperature'.*prior standard deviations.*"
+                      r"BNP\(others='rmsprop'\)"):  # fmt: skip
+        MCMC(kernel, num_samples=100, warmup_steps=50, disable_progbar=True).run(x, y)
+    (event,) = [e for e in kernel.diagnostics()["health"] if e["check"] == "runaway"][:1]
+    assert event["site"] == "temperature"
+
+
+# -- case 4: LOO of an exported SGLD run is finite ---------------------------------------------
+def test_loo_of_an_exported_digits_bnn_is_finite(seed):
+    azs = pytest.importorskip("arviz_stats")
+    from pyro_bnp import from_pyro
+
+    x, y = _digits()
+    kernel = SGLD(
+        TemperedDigits(temperature=False), 1e-4, subsample_size={"data": 64},
+        preconditioner="bnp+rmsprop", thin=5,
+    )  # fmt: skip
+    mcmc = MCMC(kernel, num_samples=60, warmup_steps=60, disable_progbar=True)
+    mcmc.run(x, y)
+    dt = from_pyro(mcmc)
+    assert dt["log_likelihood"]["obs"].dtype == "float64"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pareto k warnings of a short run
+        loo = azs.loo(dt)
+    assert math.isfinite(float(loo.elpd)) and float(loo.elpd) < 0
