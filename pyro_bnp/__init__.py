@@ -10,6 +10,7 @@ from pyro_bnp.names import register_preconditioner
 from pyro_bnp.potential import MinibatchPotential
 from pyro_bnp.preconditioners import Identity, Preconditioner, RMSprop
 from pyro_bnp.sghmc import SGHMC
+from pyro_bnp.tuning import stein_discrepancy, tune_step_size
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,6 @@ __all__ = [
     "init_to_median_or_sample",
     "register_preconditioner",
     "schedules",
+    "stein_discrepancy",
+    "tune_step_size",
 ]

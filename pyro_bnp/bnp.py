@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyro_bnp.chain import suggest_step_size
 from pyro_bnp.preconditioners import (
     BindContext,
     LayerRef,
@@ -716,18 +717,41 @@ class BNP(Preconditioner):
                 f"{self!r} found no Linear/Conv layer whose weight is a latent site (pass "
                 "modules= for a plain-function model); it acts as " + (acts or "the identity")
             )
-        if self.rmsprop is not None or self.prior_cap is not None or not self._priors:
-            return out  # with RMSprop M's scale follows the gradients; the cap keeps nu small
+        if not self._checks_priors():
+            return out
+        suggestion = suggest_step_size(step_size, self.stable_step_size(step_size))
         for name, nu in self.prior_stability(step_size, self._priors).items():
             if nu > 2.0:
                 out[f"prior:{name}"] = RuntimeWarning(
                     f"BNP layer {name!r}: (eps/2) lambda_max(M Lambda_prior) = {nu:.3g} > 2 at "
                     f"step size {step_size:.3g}: the prior alone makes this layer's update "
                     "overshoot and grow (the chain oscillates or explodes); use a step size "
-                    f"below {2.0 * step_size / nu:.2g}, BNP(prior_cap=1.0), or "
-                    "preconditioner='bnp+rmsprop'"
+                    f"below {2.0 * step_size / nu:.2g} (e.g. {suggestion:.2g}), "
+                    "BNP(prior_cap=1.0), or preconditioner='bnp+rmsprop'"
                 )
         return out
+
+    def _checks_priors(self) -> bool:
+        """Whether the prior bound applies: plain BNP, no cap, layers with Normal priors.
+
+        With RMSprop ``M``'s scale follows the gradients; the cap keeps ``nu`` small.
+        """
+        return self.rmsprop is None and self.prior_cap is None and bool(self._priors)
+
+    def stable_step_size(self, step_size: float) -> float:
+        """``min`` over layers of ``2 eps / nu``, the prior's stability bound (``inf`` if none).
+
+        Only where :meth:`warnings` checks the priors (plain BNP, no ``prior_cap``) and the
+        layer statistics are finite.
+        """
+        if not self._checks_priors():
+            return math.inf
+        try:
+            nus = self.prior_stability(step_size, self._priors).values()
+        except (RuntimeError, ValueError):  # statistics not finite: no bound to offer
+            return math.inf
+        bounds = [2.0 * step_size / nu for nu in nus if nu > 0.0 and math.isfinite(nu)]
+        return min(bounds, default=math.inf)
 
     # -- inspection --------------------------------------------------------------------
     def dense_matrix(self, layer_name: str, neuron: int) -> Tensor:

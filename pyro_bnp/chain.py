@@ -10,14 +10,22 @@ state added by the kernel). :func:`check_proposal` and :meth:`ChainState.reject`
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ChainState", "DrawStats", "Health", "HealthMonitor", "check_proposal", "norm"]
+__all__ = [
+    "ChainState",
+    "DrawStats",
+    "Health",
+    "HealthMonitor",
+    "check_proposal",
+    "norm",
+    "suggest_step_size",
+]
 
 FORMAT = 1
 
@@ -43,8 +51,24 @@ def max_abs(values: Mapping[str, Tensor]) -> float:
     return out
 
 
+def suggest_step_size(step_size: float, stable: float = math.inf) -> float:
+    """Return the one step size every warning and error of a run suggests trying instead.
+
+    A tenth of the current one, or half of the largest step size the preconditioner calls
+    stable (``stable``, e.g. BNP's prior bound ``2 eps / nu``) where that is smaller.
+    """
+    if not stable > 0.0:  # nan or a non-positive bound: no information
+        stable = math.inf
+    return min(step_size / 10.0, stable / 2.0)
+
+
 def check_proposal(
-    z: Mapping[str, Tensor], max_abs_param: float, update: int, step_size: float, name: str
+    z: Mapping[str, Tensor],
+    max_abs_param: float,
+    update: int,
+    step_size: float,
+    name: str,
+    suggest: Callable[[float], float] = suggest_step_size,
 ) -> tuple[bool, dict[str, float]]:
     """Return ``(finite, norms)`` of a proposal; raise if it exploded past ``max_abs_param``.
 
@@ -55,7 +79,8 @@ def check_proposal(
     Raises
     ------
     RuntimeError
-        If a finite entry exceeds ``max_abs_param`` (naming the update and a step size to try).
+        If a finite entry exceeds ``max_abs_param`` (naming the update and the step size
+        ``suggest(step_size)`` to try).
     """
     norms = {k: float(torch.linalg.vector_norm(v)) for k, v in z.items()}
     largest = max(norms.values())
@@ -66,7 +91,7 @@ def check_proposal(
         raise RuntimeError(
             f"{name}: the chain is exploding: update {update} moved a parameter to "
             f"|theta| = {largest:.3g} > max_abs_param={max_abs_param:g} (step size "
-            f"{step_size:.3g}); try a smaller step size, e.g. {step_size / 10:.3g}"
+            f"{step_size:.3g}); try a smaller step size, e.g. {suggest(step_size):.2g}"
         )
     return finite, norms
 
@@ -132,7 +157,12 @@ class ChainState:
         self.z, self.lp, self.grads, self.gnorm = z, lp, grads, gnorm
         self.rejected_in_row = 0
 
-    def reject(self, max_rejections: int, name: str) -> None:
+    def reject(
+        self,
+        max_rejections: int,
+        name: str,
+        suggest: Callable[[float], float] = suggest_step_size,
+    ) -> None:
         """Count a rejected update; raise after ``max_rejections`` in a row.
 
         Raises
@@ -146,7 +176,7 @@ class ChainState:
                 f"{name}: {self.rejected_in_row} updates in a row gave a non-finite log "
                 f"density or gradient (last at update {self.t}, step size {self.eps:.3g}); "
                 "the step size is probably too large: try a smaller one, e.g. "
-                f"{self.eps / 10:.3g} (or raise max_rejections={max_rejections})"
+                f"{suggest(self.eps):.2g} (or raise max_rejections={max_rejections})"
             )
 
     def to_dict(self, preconditioner: dict[str, Any] | None) -> dict[str, Any]:

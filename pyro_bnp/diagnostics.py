@@ -895,3 +895,185 @@ class ConditionRecorder:
 def _geomean(values: Tensor) -> float:
     """Geometric mean of positive values (nan if any is nan)."""
     return float(values.log().mean().exp()) if values.numel() else math.nan
+
+
+# ---------------------------------------------------------------- kernel Stein discrepancy
+# Appended section: the kernel Stein discrepancy of a set of draws (pure torch, never pyro).
+__all__ += ["ksd"]
+
+DEFAULT_KSD_BLOCK = 1024
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """Return ``value`` as an int if it is a positive integer (not a bool), else raise."""
+    if isinstance(value, bool) or isinstance(value, float) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    out = int(value.__index__())
+    if out < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return out
+
+
+def _ksd_inputs(draws: Tensor, scores: Tensor, thin: int) -> tuple[Tensor, Tensor]:
+    """Check ``draws`` and ``scores`` (``[n, d]``, same shape) and return them thinned, in f64."""
+    thin = _positive_int("thin", thin)
+    x = torch.as_tensor(draws)
+    s = torch.as_tensor(scores)
+    if x.dim() == 1:  # one-dimensional target: [n] -> [n, 1]
+        x, s = x.unsqueeze(-1), s.unsqueeze(-1) if s.dim() == 1 else s
+    if x.dim() != 2 or x.shape != s.shape:
+        raise ValueError(
+            "draws and scores must both be [n, d] (the same shape), got "
+            f"{tuple(x.shape)} and {tuple(s.shape)}"
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"draws must have at least one row and one column, got {tuple(x.shape)}")
+    return x[::thin].to(_F64), s[::thin].to(_F64)
+
+
+def _check_imq(c: float, beta: float) -> tuple[float, float]:
+    c, beta = float(c), float(beta)
+    if not (c > 0.0 and math.isfinite(c)):
+        raise ValueError(f"c must be positive and finite, got {c!r}")
+    if not -1.0 < beta < 0.0:
+        raise ValueError(f"beta must be in (-1, 0) (Gorham & Mackey 2017), got {beta!r}")
+    return c, beta
+
+
+def _stein_block(
+    x_i: Tensor,
+    s_i: Tensor,
+    sx_i: Tensor,
+    sq_i: Tensor,
+    x_j: Tensor,
+    s_j: Tensor,
+    sx_j: Tensor,
+    sq_j: Tensor,
+    c2: float,
+    beta: float,
+) -> Tensor:
+    """Return the Stein kernel ``k_p(x_a, x_b)`` for rows ``a`` of block i and ``b`` of block j.
+
+    ``sx`` is the row-wise ``s . x`` and ``sq`` the row-wise ``|x|^2`` (both precomputed).
+    With ``r = x_a - x_b``, ``q = |r|^2`` and ``u = c^2 + q``::
+
+        k_p = u^beta s_a.s_b + 2 beta u^(beta-1) (s_b - s_a).r
+              - 2 beta d u^(beta-1) - 4 beta (beta-1) q u^(beta-2)
+
+    and ``(s_b - s_a).r = x_a.s_b - s_b.x_b - s_a.x_a + s_a.x_b`` (four matrix products).
+    """
+    d = x_i.shape[1]
+    q = (sq_i[:, None] + sq_j[None, :] - 2.0 * (x_i @ x_j.T)).clamp_(min=0.0)
+    u = q + c2
+    u_b1 = u.pow(beta - 1.0)  # u^(beta-1)
+    cross = (x_i @ s_j.T) + (s_i @ x_j.T) - sx_j[None, :] - sx_i[:, None]  # (s_b - s_a).r
+    out = (s_i @ s_j.T) * (u_b1 * u)  # u^beta s_a.s_b
+    out += (2.0 * beta) * u_b1 * (cross - d)
+    out -= (4.0 * beta * (beta - 1.0)) * q * (u_b1 / u)
+    return out
+
+
+def _ksd_prepare(x: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Centre the draws (the Stein kernel is translation invariant) and precompute row terms."""
+    x = x - x.mean(0)  # fewer digits lost in |x_a|^2 + |x_b|^2 - 2 x_a.x_b
+    return x, (s * x).sum(1), (x * x).sum(1)
+
+
+def ksd(
+    draws: Tensor,
+    scores: Tensor,
+    *,
+    c: float = 1.0,
+    beta: float = -0.5,
+    thin: int = 1,
+    block_size: int = DEFAULT_KSD_BLOCK,
+) -> float:
+    r"""Kernel Stein discrepancy of draws from a target known through its score (IMQ kernel).
+
+    With the inverse multiquadric kernel ``k(x, y) = (c^2 + |x - y|^2)^beta`` and the scores
+    ``s_a = grad log p(x_a)`` of the target ``p``, the Langevin Stein kernel is
+
+    .. math::
+
+        k_p(x, y) = s_x^\top s_y\, k(x, y) + s_x^\top \nabla_y k(x, y)
+            + s_y^\top \nabla_x k(x, y) + \nabla_x \cdot \nabla_y k(x, y),
+
+    which for the IMQ kernel (``r = x - y``, ``q = |r|^2``, ``u = c^2 + q``) is
+
+    .. math::
+
+        k_p(x, y) = u^\beta s_x^\top s_y + 2 \beta u^{\beta - 1} (s_y - s_x)^\top r
+            - 2 \beta d\, u^{\beta - 1} - 4 \beta (\beta - 1)\, q\, u^{\beta - 2}.
+
+    The value returned is Gorham & Mackey's (ICML 2017, "Measuring sample quality with
+    kernels", Proposition 2) kernel Stein discrepancy of the empirical distribution of the
+    ``n`` (thinned) draws with equal weights:
+
+    .. math::
+
+        \mathrm{KSD} = \sqrt{\frac{1}{n^2} \sum_{a=1}^n \sum_{b=1}^n k_p(x_a, x_b)},
+
+    the square root of the **V-statistic** (diagonal ``a = b`` included, so the value is never
+    negative). For exact draws from ``p`` its square has expectation ``E[k_p(x, x)] / n``
+    (``E k_p(x, y) = 0`` for independent ``x, y ~ p``): the KSD of exact draws falls like
+    ``n^{-1/2}``, so values are comparable only at the same ``n``. For ``p = N(m, S)``,
+    ``E[k_p(x, x)] = c^{2 beta} tr(S^{-1}) - 2 beta d c^{2 beta - 2}``. With
+    ``beta in (-1, 0)`` the KSD goes to zero if and only if the draws converge weakly to ``p``
+    (for distantly dissipative targets with Lipschitz scores; Gorham & Mackey, Theorem 8).
+
+    Parameters
+    ----------
+    draws : Tensor
+        ``[n, d]`` draws (``[n]`` for ``d = 1``), any float dtype.
+    scores : Tensor
+        ``[n, d]`` scores ``grad log p(x_a)`` at the draws, the same shape.
+    c : float
+        The kernel's offset ``c > 0`` (its length scale; default 1, Gorham & Mackey's choice).
+        The KSD depends on the scale of the coordinates: rescaling ``x`` changes the value.
+    beta : float
+        The kernel's exponent, in ``(-1, 0)``; default ``-1/2``.
+    thin : int
+        Use every ``thin``-th row (``draws[::thin]``).
+    block_size : int
+        Rows per block: the ``n x n`` sum is accumulated over ``block_size x block_size``
+        blocks (only blocks on and above the diagonal, by symmetry).
+
+    Returns
+    -------
+    float
+        The KSD (``>= 0``); ``inf`` if any draw or score is not finite.
+
+    Notes
+    -----
+    Cost: ``O(n^2 d)`` time (about ``n^2 / 2`` kernel evaluations, each ``O(d)`` through four
+    ``[b, d] x [d, b]`` matrix products per block) and ``O(n d + block_size^2)`` memory; all
+    arithmetic in float64. ``n = 4000, d = 10`` takes well under a second on one core.
+
+    Raises
+    ------
+    ValueError
+        For mismatched shapes, an empty input, ``c <= 0``, ``beta`` outside ``(-1, 0)``, or a
+        ``thin`` or ``block_size`` that is not a positive int.
+    """
+    c, beta = _check_imq(c, beta)
+    block_size = _positive_int("block_size", block_size)
+    x, s = _ksd_inputs(draws, scores, thin)
+    if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(s).all())):
+        return math.inf
+    n = x.shape[0]
+    x, sx, sq = _ksd_prepare(x, s)
+    c2 = c * c
+    total = 0.0
+    for i in range(0, n, block_size):
+        bi = slice(i, i + block_size)
+        for j in range(i, n, block_size):
+            bj = slice(j, j + block_size)
+            block = _stein_block(
+                x[bi], s[bi], sx[bi], sq[bi], x[bj], s[bj], sx[bj], sq[bj], c2, beta
+            )
+            total += float(block.sum()) * (1.0 if i == j else 2.0)
+    value = total / (n * n)
+    if not math.isfinite(value):
+        return math.inf
+    # the V-statistic is a squared RKHS norm (>= 0); rounding can make a tiny value negative
+    return math.sqrt(max(value, 0.0))

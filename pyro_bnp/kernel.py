@@ -28,7 +28,15 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor, nn
 from torch.distributions.transforms import Transform
 
-from pyro_bnp.chain import ChainState, DrawStats, Health, HealthMonitor, check_proposal, norm
+from pyro_bnp.chain import (
+    ChainState,
+    DrawStats,
+    Health,
+    HealthMonitor,
+    check_proposal,
+    norm,
+    suggest_step_size,
+)
 from pyro_bnp.integrators import sgld_step
 from pyro_bnp.layers import LayerHooks, find_layers
 from pyro_bnp.names import make_preconditioner
@@ -433,7 +441,9 @@ class SGMCMC(MCMCKernel):
         a row raise.
         """
         name, hooks = type(self).__name__, self.hooks
-        finite, norms = check_proposal(z_new, self.max_abs_param, chain.t, chain.eps, name)
+        finite, norms = check_proposal(
+            z_new, self.max_abs_param, chain.t, chain.eps, name, self.suggest_step_size
+        )
         snapshot = hooks.snapshot() if finite and hooks is not None and hooks.live else None
         if finite:
             # Validation off (as in Pyro's MCMC): an invalid distribution parameter makes a
@@ -450,8 +460,17 @@ class SGMCMC(MCMCKernel):
                 return True
         if snapshot is not None and hooks is not None:  # forget the proposal's forward pass
             hooks.restore(snapshot)
-        chain.reject(self.max_rejections, name)
+        chain.reject(self.max_rejections, name, self.suggest_step_size)
         return False
+
+    def suggest_step_size(self, step_size: float) -> float:
+        """Return the step size this run's warnings and errors suggest instead of ``step_size``.
+
+        A tenth of it, or half of the preconditioner's stability bound where that is smaller
+        (:func:`pyro_bnp.chain.suggest_step_size`): one number, whichever message names it.
+        """
+        stable = self.preconditioner.stable_step_size(step_size)
+        return suggest_step_size(step_size, stable)
 
     def _show_warnings(self, eps: float) -> None:
         """Show the preconditioner's warnings at this step size, each once per kernel."""

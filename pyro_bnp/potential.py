@@ -83,6 +83,7 @@ class _Plates(Messenger):
         super().__init__()
         self.indices = indices
         self.seen: dict[str, tuple[int, int | None]] = {}
+        self.plain_function = False  # the model is not a PyroModule (for the error's advice)
 
     def _pyro_sample(self, msg: Any) -> None:
         fn = msg["fn"]
@@ -91,7 +92,7 @@ class _Plates(Messenger):
                 for frame in msg["cond_indep_stack"]:
                     size, sub = self.seen.get(frame.name, (0, None))
                     if frame.name in self.indices or (sub is not None and sub < size):
-                        raise _local_latent_error(msg["name"], frame.name)
+                        raise _local_latent_error(msg["name"], frame.name, self.plain_function)
             return
         name = msg["name"]
         self.seen[name] = (fn.size, fn.subsample_size)
@@ -268,7 +269,26 @@ def _module_sites(model: Any, tr: Any, latent: Iterable[str]) -> dict[str, _Modu
     return out
 
 
-def _local_latent_error(site: str, plate: str) -> ValueError:
+def _local_latent_error(site: str, plate: str, plain_function: bool = False) -> ValueError:
+    """Return the error for a latent site met inside a subsampled plate.
+
+    ``plain_function``: the model is not a PyroModule. If the site is a ``PyroSample`` of a
+    network the function calls, touching the weights before the plate does not help: outside
+    the network's own ``forward`` (or a ``pyro_method``), PyroModule draws the prior without a
+    Pyro sample site and caches nothing, so the first recorded sample is inside the plate.
+    """
+    if plain_function:
+        return ValueError(
+            f"latent site {site!r} is inside the subsampled plate {plate!r}: local latent "
+            "variables are not supported. If it is a PyroSample weight of a PyroModule network "
+            "that this plain-function model calls, touching the weights in the function before "
+            "the plate does not help (outside the network's own forward PyroModule records no "
+            "sample site and caches nothing). What works: write the model as a PyroModule that "
+            "holds the network as an attribute and whose forward touches its weights before "
+            "the plate (pass it to SGLD as the model), or run the function's body under the "
+            "network's context (with net._pyro_context: ...); see docs/usage.md, "
+            "'Writing models'"
+        )
     return ValueError(
         f"latent site {site!r} is inside the subsampled plate {plate!r}: local latent "
         "variables are not supported; sample it outside the data plate (for a PyroModule: "
@@ -489,6 +509,7 @@ class MinibatchPotential:
         strategy = init_to_median_or_sample if init_strategy is None else init_strategy
         batch = dict(subsample_size) if isinstance(subsample_size, Mapping) else {}
         plates = _Plates(batch)
+        plates.plain_function = not isinstance(model, PyroModule)
         with plates, torch.no_grad():
             tr = trace(InitMessenger(strategy)(model)).get_trace(*self.args, **self.kwargs)
         self.plates: dict[str, tuple[int, int]] = {}
@@ -512,7 +533,7 @@ class MinibatchPotential:
                 )
             for frame in site["cond_indep_stack"]:
                 if frame.name in self.plates or frame.name in self.own_plates:
-                    raise _local_latent_error(name, frame.name)
+                    raise _local_latent_error(name, frame.name, plates.plain_function)
             t = biject_to(fn.support)
             to_constrained[name] = t
             value: Tensor = site["value"]  # type: ignore[assignment]

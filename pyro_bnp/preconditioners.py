@@ -242,6 +242,14 @@ class Preconditioner:
         """
         return {}
 
+    def stable_step_size(self, step_size: float) -> float:
+        """Return the largest step size the preconditioner's state calls stable (inf: no bound).
+
+        The kernel suggests half of it where that is below a tenth of the current step size
+        (:func:`pyro_bnp.chain.suggest_step_size`), in every warning and error of the run.
+        """
+        return math.inf
+
     def health(self) -> dict[str, str]:
         """Sites whose preconditioner state is broken (not finite, or ``M = 0``) -> the problem.
 

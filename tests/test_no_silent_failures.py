@@ -4,6 +4,7 @@ each now ends in a correct result or in an error/warning that names the site and
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pyro
@@ -178,3 +179,130 @@ def test_loo_of_an_exported_digits_bnn_is_finite(seed):
         warnings.simplefilter("ignore")  # Pareto k warnings of a short run
         loo = azs.loo(dt)
     assert math.isfinite(float(loo.elpd)) and float(loo.elpd) < 0
+
+
+# -- issue 14: RMSprop sends a scale site away on the diabetes regression ----------------------
+def test_rmsprop_runaway_of_sigma_on_diabetes_is_named():
+    """Measured: pSGLD at 1e-2 with batch 32 sends the noise scale ``sigma`` (NUTS: 0.70 +- 0.02)
+    to 1e3-1e6 with no rejected update (seed 0; with other seeds ``w`` runs away first, or
+    ``sigma`` collapses and the log density drops: those are named too); the health check names
+    ``sigma`` and RMSprop's cause."""
+    pyro.set_rng_seed(0)
+    from sklearn.datasets import load_diabetes
+
+    xs, ys = load_diabetes(return_X_y=True)
+    x, y = torch.tensor(xs, dtype=torch.float32), torch.tensor(ys, dtype=torch.float32)
+    x, y = (x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std()
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+        with pyro.plate("data", x.shape[0]) as idx:
+            pyro.sample("y", dist.Normal(x[idx] @ w + b, sigma), obs=y[idx])
+
+    kernel = SGLD(
+        model, 1e-2, subsample_size={"data": 32}, preconditioner="rmsprop",
+        health=Health(every=50),
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mcmc = MCMC(kernel, num_samples=300, warmup_steps=0, disable_progbar=True)
+        mcmc.run(x, y)
+    pattern = re.compile(r"site 'sigma'.*prior standard deviations.*RMSprop's M grows")
+    assert any(pattern.search(str(w.message)) for w in caught)
+    events = [e for e in kernel.diagnostics()["health"] if e["check"] == "runaway"]
+    assert "sigma" in {e["site"] for e in events}
+    assert float(mcmc.get_samples()["sigma"].max()) > 50.0  # the runaway did happen
+
+
+# -- case 6: a plain-function model around a converted nn.Sequential ---------------------------
+def _converted_sequential():
+    from pyro.nn.module import to_pyro_module_
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+    to_pyro_module_(net)
+    for layer in (net[0], net[2]):
+        for name, value in list(layer.named_parameters(recurse=False)):
+            prior = dist.Normal(0.0, 1.0).expand(value.shape).to_event(value.dim())
+            setattr(layer, name, PyroSample(prior))
+    x = torch.randn(200, 5)
+    return net, x, (x[:, 0] > 0).long()
+
+
+def _touch(net):
+    for layer in (net[0], net[2]):
+        layer.weight, layer.bias  # noqa: B018 (the access samples the weights)
+
+
+@pytest.mark.parametrize("modules", [False, True])
+def test_plain_function_around_a_converted_sequential(seed, modules):
+    """The reported model touches the weights in a plain function: the error says why that does
+    not help and what works; both remedies it names then sample, and BNP finds both layers."""
+    net, x, y = _converted_sequential()
+
+    def reported(x, y):
+        _touch(net)
+        with pyro.plate("data", x.shape[0]) as idx:
+            pyro.sample("obs", dist.Categorical(logits=net(x[idx])), obs=y[idx])
+
+    kw = {"modules": net} if modules else {}
+    message = (
+        r"'0\.weight' is inside the subsampled plate 'data'.*plain-function model.*does not "
+        r"help.*PyroModule.*_pyro_context"
+    )
+    with pytest.raises(ValueError, match=message):
+        MCMC(SGLD(reported, 1e-3, subsample_size={"data": 32}, **kw), 5, 0).run(x, y)
+
+    class Model(PyroModule):  # remedy 1: a PyroModule model holding (a fresh) network
+        def __init__(self):
+            super().__init__()
+            self.net = _converted_sequential()[0]  # one that has not run outside it
+
+        def forward(self, x, y):
+            _touch(self.net)
+            with pyro.plate("data", x.shape[0]) as idx:
+                pyro.sample("obs", dist.Categorical(logits=self.net(x[idx])), obs=y[idx])
+
+    def in_context(x, y):  # remedy 2: the function's body under the network's context
+        with net._pyro_context:
+            reported(x, y)
+
+    remedies = [(Model(), {}), (in_context, {"modules": net})]
+    for model, extra in remedies:
+        kernel = SGLD(model, 1e-3, subsample_size={"data": 32}, **extra)
+        mcmc = MCMC(kernel, num_samples=30, warmup_steps=20, disable_progbar=True)
+        mcmc.run(x, y)  # filterwarnings=error: BNP found the layers (no "acts as" warning)
+        names = {"0.weight", "0.bias", "2.weight", "2.bias"}
+        if isinstance(model, Model):
+            names = {f"net.{n}" for n in names}
+        samples = mcmc.get_samples()
+        assert set(samples) == names
+        assert samples[min(names)].shape[0] == 30
+        assert len(kernel.layers) == 2
+        # Pyro's own tools take the same model: NUTS's set-up trace and Predictive
+        pyro.infer.Predictive(model, samples)(x, y)
+
+
+# -- case 8: one step-size suggestion in every warning and error of a run ----------------------
+def test_warnings_and_errors_suggest_one_step_size(seed):
+    """The BNP prior warning and the exploding-chain error of the same run name one number:
+    half the layers' stability bound ``2 eps / nu`` where that is below ``eps / 10``."""
+    from test_core import StiffNet, _data
+
+    x, y = _data()
+    kernel = SGLD(StiffNet(), 1e-2, max_abs_param=3.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="the chain is exploding") as error:
+            MCMC(kernel, num_samples=2000, warmup_steps=0, disable_progbar=True).run(x, y)
+    (warning,) = [str(w.message) for w in caught if "BNP layer 'fc'" in str(w.message)]
+    nu = kernel.preconditioner.prior_stability(1e-2, kernel.preconditioner.priors)["fc"]
+    suggestion = kernel.suggest_step_size(1e-2)
+    assert nu > 20.0  # the bound is the binding one here: 2 eps / nu / 2 < eps / 10
+    assert suggestion == pytest.approx(1e-2 / nu, rel=1e-6)
+    assert f"e.g. {suggestion:.2g}" in warning
+    assert f"e.g. {suggestion:.2g}" in str(error.value)
+    # without a bound (RMSprop), the suggestion is a tenth of the step size
+    assert SGLD(StiffNet(), 1e-2, preconditioner="rmsprop").suggest_step_size(1e-2) == 1e-3
