@@ -34,7 +34,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 test-full: lint
 	$(BIN)/pytest -q -m "slow or not slow"
