@@ -61,16 +61,40 @@ time budget; the JSON records which ran). ``--out`` defaults to
 potential-energy evaluations (each with a gradient; ``gradients``, and ``gradients_trace`` per
 post-warmup draw) and its CPU time per evaluation (tree building and adaptation included).
 
-Run ``python benchmarks/bench_nuts.py [--quick] [--n-train N] [--contenders a,b]``.
+**SGHMC contenders** (issue 15): ``sghmc`` and ``bnp-sghmc`` are :class:`pyro_bnp.SGHMC` with
+the identity and plain BNP (``SGLDConfig(sampler="sghmc")``). Their ``eps0``/``t0``/``gamma`` are
+those of the SGLD step size of the same linear stability: ``h_t = sqrt(eps_t (2 - c) / 2)`` with
+``eps_t`` the SGLD schedule and ``c = h_0 alpha = SGHMC_DECAY = 0.1`` (the friction ``alpha`` is
+fixed at ``c / h_0``, so ``h alpha`` falls from 0.1 as ``h`` decays: the same SDE, discretised
+more finely), momentum from rest, no noise estimate. They were scanned by ``--scan``: the rule of
+``scan_nuts.py`` (stage ``grid``: seed 1, validation rows, 30 s CPU per schedule, smallest CPU
+time to the scan target, else the lowest final NLL, over every burn-in fraction and every pass
+on record), over ``SGHMC_GRID_PASSES`` (batch 128, thin 10; no batch stage, as for plain SGLD
+and BNP): pass 1, fixed in advance, plain SGLD's pass-2 grid of ``scan_nuts.py`` plus its
+selected ``eps0`` halved (the momentum accumulates mini-batch noise); all of it diverged in the
+first updates, so pass 2 tried smaller steps (``--scan-pass 1`` / ``--scan-pass 2``). Written
+into ``benchmarks/results/nuts_scan.json`` (``runs.grid_pass1``, ``runs.grid``, ``selected``).
+
+``--seeds K`` runs every contender at chain seeds ``0..K-1`` against the seed-0 NUTS target
+(NUTS runs once, seed 0, as before; the extra seeds give the contenders' spread); the JSON's
+``seed_runs`` (seeds ``1..K-1`` of each contender) and the summary rows hold every seed.
+``--nuts-from FILE`` takes NUTS's run and the target from an earlier JSON of this benchmark at
+the same ``N`` instead of running NUTS again (to fit a large-``N`` run into a time budget; the
+JSON says so).
+
+Run ``python benchmarks/bench_nuts.py [--quick] [--n-train N] [--contenders a,b] [--seeds K]
+[--nuts-from FILE] [--scan]``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -87,7 +111,7 @@ from common import (
 from pyro.infer import MCMC, NUTS
 from torch import Tensor, nn
 
-from pyro_bnp import SGLD, init_to_median_or_sample, schedules
+from pyro_bnp import SGHMC, SGLD, init_to_median_or_sample, schedules
 from pyro_bnp.names import make_preconditioner
 
 TOLERANCE = 0.05
@@ -97,6 +121,21 @@ SPEEDUP_TARGET = 10.0
 REFERENCE_N = 10_000  # the training-set size the settings were chosen at (scan_nuts.py)
 CAP_DIVISOR = 5.0  # SGLD cap at N != REFERENCE_N: max(SGLD_CAP_S, NUTS CPU to target / this)
 BURNIN_FRACTIONS = (0.0, 0.5, 0.8, 0.9)  # evaluated side by side (off the clock) in the scan
+SGHMC_DECAY = 0.1  # h_0 * friction for the SGHMC contenders (module docstring)
+
+
+class SGHMCSchedule:
+    """SGHMC's ``h_t = sqrt(eps_t (2 - c) / 2)``: the linear stability of SGLD's ``eps_t``."""
+
+    def __init__(self, eps: Any, decay: float) -> None:
+        self.eps, self.decay = eps, decay
+
+    def __call__(self, t: int) -> float:
+        e = self.eps(t) if callable(self.eps) else self.eps
+        return math.sqrt(e * (2.0 - self.decay) / 2.0)
+
+    def __repr__(self) -> str:
+        return f"SGHMCSchedule({self.eps!r}, decay={self.decay!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +143,9 @@ class SGLDConfig:
     """One SGLD contender: ``eps_t = eps0 (1 + t / t0)^-gamma`` (``t0`` None: constant ``eps0``).
 
     ``eps`` is our step size (the variance of the injected noise, drift ``eps / 2``); RMSprop
-    squares per-datum gradients, hence its smaller values.
+    squares per-datum gradients, hence its smaller values. ``sampler="sghmc"``:
+    :class:`pyro_bnp.SGHMC` at the SGLD-equivalent schedule (:class:`SGHMCSchedule`), friction
+    ``SGHMC_DECAY / h_0``.
     """
 
     preconditioner: str
@@ -114,16 +155,39 @@ class SGLDConfig:
     batch: int = 128
     thin: int = 10
     burnin: float = 0.5
+    sampler: str = "sgld"
 
-    def step_size(self) -> Any:
+    def sgld_step_size(self) -> Any:
         if self.t0 is None:
             return self.eps0
         return schedules.polynomial(self.eps0 * self.t0**self.gamma, self.t0, self.gamma)
 
+    def step_size(self) -> Any:
+        if self.sampler == "sghmc":
+            return SGHMCSchedule(self.sgld_step_size(), SGHMC_DECAY)
+        return self.sgld_step_size()
+
+    def friction(self) -> float:
+        """SGHMC's friction ``alpha = SGHMC_DECAY / h_0``."""
+        return SGHMC_DECAY / SGHMCSchedule(self.eps0, SGHMC_DECAY)(0)
+
+    def make_kernel(self, model: Any) -> SGLD | SGHMC:
+        kwargs: dict[str, Any] = {
+            "subsample_size": {"data": self.batch},
+            "preconditioner": preconditioner(self.preconditioner),
+            "thin": self.thin,
+        }
+        if self.sampler == "sghmc":
+            return SGHMC(model, self.step_size(), friction=self.friction(), **kwargs)
+        if self.sampler != "sgld":
+            raise ValueError(f"unknown sampler {self.sampler!r}")
+        return SGLD(model, self.step_size(), **kwargs)
+
     def label(self) -> str:
         sched = "const" if self.t0 is None else f"poly(t0={self.t0:g},g={self.gamma:g})"
+        who = self.preconditioner if self.sampler == "sgld" else f"sghmc[{self.preconditioner}]"
         return (
-            f"{self.preconditioner} eps0={self.eps0:.3g} {sched} B={self.batch} thin={self.thin}"
+            f"{who} eps0={self.eps0:.3g} {sched} B={self.batch} thin={self.thin}"
             f" burnin={self.burnin:g}"
         )
 
@@ -160,7 +224,24 @@ CONTENDERS: dict[str, SGLDConfig] = {
     # session 3 (scan: none reached the target in 30 s; lowest final validation NLL +0.05,
     # against +0.21 for plain BNP, -0.33 for pSGLD)
     "bnp-others": SGLDConfig("bnp-others", 1.5e-5, 500.0, burnin=0.9),
+    # issue 15, selected by --scan (nuts_scan.json, "selected"; SGHMC_GRID_PASSES): none reached
+    # the scan target in 30 s; lowest final validation NLL -0.08 (sghmc) and +0.16 (bnp-sghmc),
+    # against +0.19 for SGLD and +0.21 for BNP; every pass-1 schedule (eps0 >= 3.5e-6) diverged
+    "sghmc": SGLDConfig("identity", 1e-6, 5000.0, burnin=0.9, sampler="sghmc"),
+    "bnp-sghmc": SGLDConfig("bnp", 1e-6, 5000.0, burnin=0.8, sampler="sghmc"),
 }
+# --scan: (eps0, t0) per SGHMC contender (SGLD-equivalent eps), scanned with scan_nuts.py's rule.
+# Pass 1 (fixed in advance): plain SGLD's pass-2 grid plus its selected eps0 halved. Every run
+# of it was stopped by the kernel within its first updates (non-finite or exploding: the momentum
+# carries the first, huge gradient of sigma further than SGLD's step), so pass 2 went further
+# down, at the selected SGLD schedule's t0 (an honest account, as in scan_nuts.py).
+_SGHMC_PASS1 = [(3.5e-6, 5000.0), (7e-6, 5000.0), (1.5e-5, 500.0), (3e-5, 100.0)]
+_SGHMC_PASS2 = [(1e-6, 5000.0), (3e-7, 5000.0), (1e-7, 5000.0)]
+SGHMC_GRID_PASSES: dict[int, dict[str, tuple[str, list[tuple[float, float | None]]]]] = {
+    1: {"sghmc": ("identity", _SGHMC_PASS1), "bnp-sghmc": ("bnp", _SGHMC_PASS1)},
+    2: {"sghmc": ("identity", _SGHMC_PASS2), "bnp-sghmc": ("bnp", _SGHMC_PASS2)},
+}
+SGHMC_GRID = SGHMC_GRID_PASSES[2]
 ORIGINAL_METHODS = ("sgld", "psgld", "bnp")  # the JSON field "methods" (tests pin its order)
 
 
@@ -408,13 +489,7 @@ def run_sgld(
     them reaches the target, and the trace records the NLL for each of them.
     """
     model = BayesNet(net, "gaussian", sigma=None)
-    kernel = SGLD(
-        model,
-        cfg.step_size(),
-        subsample_size={"data": cfg.batch},
-        preconditioner=preconditioner(cfg.preconditioner),
-        thin=cfg.thin,
-    )
+    kernel = cfg.make_kernel(model)
     pyro.set_rng_seed(seed)
     clock = Clock()
     kernel.setup(0, data["x"], data["y"])
@@ -450,6 +525,7 @@ def run_sgld(
     updates = pred.n * cfg.thin
     out = {
         "method": name,
+        "sampler": cfg.sampler,
         "preconditioner": cfg.preconditioner,
         "settings": dataclasses.asdict(cfg),
         "label": cfg.label(),
@@ -488,8 +564,15 @@ def run(
     threads: int = 1,
     n_train: int = REFERENCE_N,
     contenders_only: Sequence[str] | None = None,
+    seeds: int = 1,
+    nuts_from: str | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; ``n_train != REFERENCE_N`` applies the docstring's scaling rule."""
+    """Run the benchmark; ``n_train != REFERENCE_N`` applies the docstring's scaling rule.
+
+    ``seeds``: contender chain seeds ``0..seeds-1`` (seed 0 is the reported run, the others go
+    to ``seed_runs``); ``nuts_from``: an earlier result JSON at the same ``n_train`` whose NUTS
+    run and target are reused instead of running NUTS.
+    """
     set_threads(threads)
     if quick and n_train != REFERENCE_N:
         raise ValueError("--quick uses its own tiny data; do not combine it with --n-train")
@@ -506,10 +589,22 @@ def run(
     data = make_data(n_train, n_test)
     torch.manual_seed(1)
     net = mlp([5, 50, 1], nn.Tanh)
-    nuts = run_nuts(data, net, nuts_cfg, budget_s=nuts_budget, max_samples=10 if quick else 100_000)
+    if nuts_from is not None:
+        prev = json.loads(Path(nuts_from).read_text())
+        if prev["n_train"] != n_train or prev["quick"] != quick:
+            raise ValueError(f"{nuts_from} was run at n_train={prev['n_train']}, not {n_train}")
+        nuts = prev["methods"][0]
+        nuts["trace"] = [tuple(row) for row in nuts["trace"]]
+        nuts["reused_from"] = nuts_from
+    else:
+        nuts = run_nuts(
+            data, net, nuts_cfg, budget_s=nuts_budget, max_samples=10 if quick else 100_000
+        )
     if nuts["trace"]:
         target = nuts["final_nll"] + TOLERANCE
         rule = f"NUTS final running NLL + {TOLERANCE}"
+        if nuts_from is not None:
+            rule += f"; NUTS's run taken from {nuts_from}"
     else:
         target = data["oracle_nll"] + FALLBACK_TOLERANCE
         rule = f"NUTS made no post-warmup draw; oracle NLL + {FALLBACK_TOLERANCE}"
@@ -520,11 +615,18 @@ def run(
     sgld_cap = max(
         sgld_cap, (nuts_c if math.isfinite(nuts_c) else nuts["elapsed_cpu_s"]) / CAP_DIVISOR
     )
-    contenders = [
-        run_sgld(data, net, name, cfg, target=target, cap_s=sgld_cap)
-        for name, cfg in configs.items()
-    ]
-    for m in [nuts, *contenders]:
+    contenders = []
+    extra_seeds = []
+    for name, cfg in configs.items():
+        runs = [
+            run_sgld(data, net, name, cfg, target=target, cap_s=sgld_cap, seed=s)
+            for s in range(seeds)
+        ]
+        contenders.append(runs[0])
+        extra_seeds.extend(runs[1:])
+        if seeds > 1:
+            runs[0]["seed_runs"] = runs[1:]  # seeds 1..K-1 (seed 0 is this entry)
+    for m in [nuts, *contenders, *extra_seeds]:
         m["time_to_target_s"] = first_time(m["trace"], target)
         m["cpu_to_target_s"] = first_time(m["trace"], target, cpu=True)
         row = first_row(m["trace"], target)
@@ -569,6 +671,8 @@ def run(
                 bound = nuts_c / m["elapsed_cpu_s"]
                 m["speedup_upper_bound"] = bound
                 value += f", speed-up < {bound:.2g}x"
+            if "seed_runs" in m:
+                value += "; " + _seed_spread([m, *m["seed_runs"]], nuts_c)
             tgt = f">= {SPEEDUP_TARGET:.0f}x"
             # MET only if both the wall and the CPU speed-up reach the target
             both = min(sw, sc) if math.isfinite(sw + sc) or math.inf in (sw, sc) else math.nan
@@ -588,6 +692,8 @@ def run(
         "nuts_budget_cpu_s": nuts_budget,
         "sgld_cap_cpu_s": sgld_cap,
         "contenders": list(configs),
+        "contender_seeds": list(range(seeds)),
+        "nuts_from": nuts_from,
         "scaling_rule": {
             "reference_n_train": REFERENCE_N,
             "n_train": n_train,
@@ -610,6 +716,27 @@ def run(
     }
 
 
+def _seed_spread(runs: Sequence[Mapping[str, Any]], nuts_c: float) -> str:
+    """Per-seed CPU time to the target and the CPU speed-up's median and range over seeds."""
+    cpu = [r["cpu_to_target_s"] for r in runs]
+    ups = [_speedup(nuts_c, c) for c in cpu]
+    per = " / ".join(f"{c:.1f}" if math.isfinite(c) else "-" for c in cpu)
+    finite = sorted(u for u, c in zip(ups, cpu, strict=True) if math.isfinite(u * c))
+    reached = sum(math.isfinite(c) for c in cpu)
+    text = f"seeds {runs[0]['seed']}-{runs[-1]['seed']}: CPU s to target {per}"
+    text += f" (reached {reached}/{len(runs)})"
+    if finite:
+        ups_sorted = sorted(u if math.isfinite(u) else 0.0 for u in ups)
+        med = (
+            ups_sorted[len(ups_sorted) // 2]
+            if len(ups_sorted) % 2
+            else 0.5 * (ups_sorted[len(ups_sorted) // 2 - 1] + ups_sorted[len(ups_sorted) // 2])
+        )
+        text += f", CPU speed-up median {med:.2g}x over all seeds (not reached: 0x), range"
+        text += f" {finite[0]:.2g}-{finite[-1]:.2g}x over the seeds that reached it"
+    return text
+
+
 def _speedup(nuts_t: float, t: float) -> float:
     """NUTS time / our time; inf if only we got there, 0 if only NUTS did, nan if neither."""
     if math.isfinite(t) and math.isfinite(nuts_t):
@@ -617,6 +744,57 @@ def _speedup(nuts_t: float, t: float) -> float:
     if math.isfinite(t):
         return math.inf
     return 0.0 if math.isfinite(nuts_t) else math.nan
+
+
+def scan_sghmc(names: Sequence[str], *, quick: bool, out: str, grid_pass: int = 2) -> None:
+    """Scan the SGHMC contenders with ``scan_nuts.py``'s rule (stage ``grid``) into ``out``.
+
+    Seed 1, validation rows, the scan target of the earlier NUTS stage stored in ``out``
+    (``target_val_nll``), ``SCAN_CAP_S`` CPU seconds per schedule; selection by
+    ``scan_nuts._select_sgld`` (smallest CPU time to the target, else the lowest final NLL) over
+    every pass on record. Pass 1 is stored under ``runs.grid_pass1``, pass 2 under
+    ``runs.grid`` (``scan_nuts.py``'s layout).
+    """
+    import bench_nuts as bn  # the module scan_nuts imports (this file may be __main__)
+    import scan_nuts as sn
+    from common import write_json
+
+    set_threads(1)
+    path = Path(out)
+    scan: dict[str, Any] = json.loads(path.read_text())
+    target = scan["target_val_nll"]
+    n_train, n_test, n_val = (500, 100, 100) if quick else (10_000, 1_000, 1_000)
+    cap = 1.0 if quick else sn.SCAN_CAP_S
+    data = make_data(n_train, n_test, n_val=n_val)
+    torch.manual_seed(1)
+    net = mlp([5, 50, 1], nn.Tanh)
+    scan["sghmc_rule"] = (
+        "issue 15: SGHMC contenders scanned by bench_nuts.py --scan over SGHMC_GRID with stage "
+        f"2 of the rule above (seed {sn.SEED}, validation rows, {cap:g} s CPU per schedule); "
+        "pass 1 under runs.grid_pass1, pass 2 under runs.grid (see bench_nuts.SGHMC_GRID_PASSES)"
+    )
+    key = "grid_pass1" if grid_pass == 1 else "grid"
+    for name in names:
+        pre, grid = SGHMC_GRID_PASSES[grid_pass][name]
+        other = "grid" if grid_pass == 1 else "grid_pass1"
+        earlier = list(scan["runs"].get(other, {}).get(name, []))
+        runs = []
+        for eps0, t0 in grid:
+            cfg = bn.SGLDConfig(pre, eps0, t0, sampler="sghmc")
+            r = bn.run_sgld(
+                data, net, name, cfg, target=target, cap_s=cap, seed=sn.SEED, split="val",
+                fractions=BURNIN_FRACTIONS,
+            )  # fmt: skip
+            r["by_burnin"] = sn._summary(r, target)
+            runs.append(sn._strip(r))
+            best = min(v["cpu_to_target_s"] for v in r["by_burnin"].values())
+            print(f"{cfg.label():<80} {best:6.1f} s  {r['error'][:60]}", flush=True)
+            scan["runs"].setdefault(key, {})[name] = runs
+            write_json(path, scan)
+        scan["selected"][name] = sel = sn._select_sgld(earlier + runs)
+        print("selected", sel, flush=True)
+        write_json(path, scan)
+    print(f"wrote {path}")
 
 
 def main() -> None:
@@ -631,7 +809,25 @@ def main() -> None:
     parser.add_argument(
         "--contenders", default="", help="comma-separated subset of " + ",".join(CONTENDERS)
     )
+    parser.add_argument("--seeds", type=int, default=1, help="contender chain seeds 0..K-1")
+    parser.add_argument(
+        "--nuts-from", default=None, help="reuse NUTS's run and target from this result JSON"
+    )
+    parser.add_argument(
+        "--scan",
+        action="store_true",
+        help="scan the SGHMC contenders (SGHMC_GRID_PASSES) with scan_nuts.py's rule instead",
+    )
+    parser.add_argument("--scan-pass", type=int, default=2, choices=[1, 2], help="grid pass")
     args = parser.parse_args()
+    if args.scan:
+        scan_sghmc(
+            [n for n in args.contenders.split(",") if n] or list(SGHMC_GRID),
+            quick=args.quick,
+            out=args.out or "benchmarks/results/nuts_scan.json",
+            grid_pass=args.scan_pass,
+        )
+        return
     if args.quick and args.n_train != REFERENCE_N:
         parser.error("--quick uses its own tiny data; do not combine it with --n-train")
     names = [n for n in args.contenders.split(",") if n] or None
@@ -641,7 +837,14 @@ def main() -> None:
     if out is None:
         suffix = "" if args.n_train == REFERENCE_N else f"_n{args.n_train}"
         out = f"benchmarks/results/nuts{suffix}.json"
-    result = run(args.quick, args.threads, n_train=args.n_train, contenders_only=names)
+    result = run(
+        args.quick,
+        args.threads,
+        n_train=args.n_train,
+        contenders_only=names,
+        seeds=args.seeds,
+        nuts_from=args.nuts_from,
+    )
     report(result, out)
 
 

@@ -10,13 +10,19 @@ contenders, interleaved round-robin in one loop (see :mod:`common`):
   after ``kernel.setup(...)``, one contender per preconditioner; ``bnp-frozen``: BNP after
   ``freeze_after_warmup`` froze its statistics (constant ``M``: what the sampling phase of
   such a run costs; ``bnp`` updates the running statistics every step);
+* ``sghmc identity``, ``sghmc rmsprop``, ... (issue 15): ``pyro_bnp.SGHMC.sample`` with the
+  same preconditioners, at the step size ``h`` of the same linear stability as SGLD's ``eps``
+  (``h = sqrt(eps (2 - c) / 2)``, friction ``c / h``, ``c = 0.1``), in the same round-robin, so
+  ``sghmc_over_sgld`` (the median of SGHMC's step over SGLD's, per preconditioner) compares
+  them under the same load;
 * ``pyro_grad``: ``pyro.ops.integrator.potential_grad`` of the ``potential_fn`` that
   ``pyro.infer.mcmc.util.initialize_model`` builds for the same model, fed the same mini-batch
   (``pyro.plate(..., subsample=idx)``), plus a plain in-place SGLD update;
 * ``posteriors``: ``posteriors.sgmcmc.sgld`` (``torch.func`` on the plain network), when the
   library is importable (it is not a dependency of this project).
 
-Reported: per-step medians (us), the ratio to ``hand``, and the BNP overhead over ``identity``.
+Reported: per-step medians (us), the ratio to ``hand``, the BNP overhead over ``identity`` and
+SGHMC's step over SGLD's per preconditioner.
 Run ``python benchmarks/bench_step.py [--quick] [--profile]``; ``--profile`` prints cProfile
 tables of one ``SGLD.sample`` step instead of timing.
 """
@@ -59,6 +65,7 @@ from torch import Tensor, nn
 import pyro_bnp
 
 PRECONDITIONERS = ("identity", "rmsprop", "bnp", "bnp+rmsprop", "bnp-frozen")
+SGHMC_DECAY = 0.1  # h * friction of the SGHMC contenders
 FROZEN_WARMUP = 5
 BATCH = 128
 # targets from the issue: ours (identity, i.e. the same algorithm) / hand-written
@@ -92,20 +99,36 @@ def make_case(name: str, n: int, seed: int = 0) -> dict[str, Any]:
 
 
 def ours(
-    case: dict[str, Any], pre: str, step_size: float, seed: int = 0, pkg: Any = pyro_bnp
+    case: dict[str, Any],
+    pre: str,
+    step_size: float,
+    seed: int = 0,
+    pkg: Any = pyro_bnp,
+    sampler: str = "sgld",
 ) -> tuple[Callable, Any]:
-    """``SGLD.sample`` in a loop (thin=1), from the same initial weights as the others.
+    """``SGLD.sample`` (or ``SGHMC.sample``) in a loop (thin=1), from the same initial weights.
 
     ``pre="bnp-frozen"``: ``BNP(freeze_after_warmup=True)`` after a warmup of
     ``FROZEN_WARMUP`` updates (run here, untimed): the statistics and ``M`` are constant.
     ``pkg``: the pyro_bnp package to time (``compare_step.py`` passes an older version).
+    ``sampler="sghmc"``: ``SGHMC`` at ``h = sqrt(step_size (2 - c) / 2)``, friction ``c / h``.
     """
     model = BayesNet(case["net"], case["likelihood"], sigma=0.1)
     frozen = pre == "bnp-frozen"
     preconditioner: Any = pkg.BNP(freeze_after_warmup=True) if frozen else pre
-    kernel = pkg.SGLD(
-        model, step_size, subsample_size={"data": BATCH}, preconditioner=preconditioner
-    )
+    if sampler == "sghmc":
+        h = math.sqrt(step_size * (2.0 - SGHMC_DECAY) / 2.0)
+        kernel = pkg.SGHMC(
+            model,
+            h,
+            friction=SGHMC_DECAY / h,
+            subsample_size={"data": BATCH},
+            preconditioner=preconditioner,
+        )
+    else:
+        kernel = pkg.SGLD(
+            model, step_size, subsample_size={"data": BATCH}, preconditioner=preconditioner
+        )
     kernel.initial_params = site_values(case["net"])
     torch.manual_seed(seed)
     kernel.setup(FROZEN_WARMUP if frozen else 0, case["x"], case["y"])
@@ -189,6 +212,9 @@ def bench_case(name: str, *, quick: bool, budget_s: float) -> dict[str, Any]:
     kernels = {}
     for pre in PRECONDITIONERS:
         contenders[pre], kernels[pre] = ours(case, pre, eps)
+    for pre in PRECONDITIONERS:
+        key = f"sghmc {pre}"
+        contenders[key], kernels[key] = ours(case, pre, eps, sampler="sghmc")
     contenders["pyro_grad"] = pyro_grad(case, eps)
     post = posteriors_step(case, eps)
     if post is not None:
@@ -219,6 +245,10 @@ def bench_case(name: str, *, quick: bool, budget_s: float) -> dict[str, Any]:
         "bnp_frozen_overhead": ratio(timings, "bnp-frozen", "identity"),
         "bnp_frozen_overhead_paired": paired_ratio(timings, "bnp-frozen", "identity"),
         "bnp_rmsprop_over_rmsprop": ratio(timings, "bnp+rmsprop", "rmsprop"),
+        "sghmc_over_sgld": {pre: ratio(timings, f"sghmc {pre}", pre) for pre in PRECONDITIONERS},
+        "sghmc_over_sgld_paired": {
+            pre: paired_ratio(timings, f"sghmc {pre}", pre) for pre in PRECONDITIONERS
+        },
         "divergences": divergences,
         "hand_finite": all(bool(torch.isfinite(p).all()) for p in hand.params),
     }
@@ -248,6 +278,17 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, str]]:
                     "value": f"{ov:.3f}x (paired {c[f'{key}_overhead_paired']:.3f}x)",
                     "target": f"<= {BNP_OVERHEAD_TARGET:.2f}x",
                     "status": status(ov, BNP_OVERHEAD_TARGET),
+                }
+            )
+        for pre in PRECONDITIONERS:
+            rows.append(
+                {
+                    "bench": "sghmc/sgld",
+                    "case": f"{case} {pre}",
+                    "value": f"{c['sghmc_over_sgld'][pre]:.3f}x "
+                    f"(paired {c['sghmc_over_sgld_paired'][pre]:.3f}x)",
+                    "target": "",
+                    "status": "",
                 }
             )
     return rows

@@ -14,7 +14,11 @@ Gaussian likelihood of unknown scale ``sigma ~ HalfNormal(1)``. Priors: weights
 ``pyro_bnp.SGLD`` at temperature 0 with the RMSprop preconditioner, i.e. RMSprop gradient
 descent on the MAP objective, argmax of the fit); Thompson sampling with the network's
 posterior sampled by SGLD under the preconditioners ``identity`` (SGLD), ``rmsprop`` (pSGLD),
-``bnp`` (BNP-SGLD) and ``bnp+rmsprop``.
+``bnp`` (BNP-SGLD) and ``bnp+rmsprop``; and with it sampled by ``pyro_bnp.SGHMC`` with the
+identity (``sghmc``) and plain BNP (``bnp-sghmc``), issue 15: friction fixed at ``h alpha = 0.1``
+(momentum 0.9 per update), the refit's ``eps = 2 lr / t`` read as the SGLD step size of the same
+linear stability (``_common.sghmc_step``), the momentum starting from rest at every refit (a new
+kernel), ``lr`` tuned on the same grid and seeds as the SGLD policies.
 
 **Schedule (same gradient budget for every learned policy).** The first ``REFIT_EVERY``
 rounds are played at random. Then after every ``REFIT_EVERY`` rounds the model is refitted on
@@ -52,17 +56,15 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from _common import METHODS
+from _common import METHODS, SGHMC_METHODS
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 from tqdm import tqdm
 
-import pyro_bnp
-
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-POLICIES = ["uniform", "greedy", *METHODS]
+POLICIES = ["uniform", "greedy", *METHODS, *SGHMC_METHODS]
 # policies run only when named with --policies (not tuned: they reuse another policy's lr)
 EXTRA_POLICIES = ["bnp-cap"]
 SAMPLERS: dict[str, tuple[str, float]] = {  # policy -> (preconditioner, temperature)
@@ -72,6 +74,9 @@ SAMPLERS: dict[str, tuple[str, float]] = {  # policy -> (preconditioner, tempera
     "bnp": ("bnp", 1.0),
     "bnp+rmsprop": ("bnp+rmsprop", 1.0),
     "bnp-cap": ("bnp-cap", 1.0),  # BNP with the prior cap (the stiff-prior failure below)
+    # pyro_bnp.SGHMC with these preconditioners (_common.make_kernel)
+    "sghmc": ("identity", 1.0),
+    "bnp-sghmc": ("bnp", 1.0),
 }
 HIDDEN, REWARD_SCALE, DELTA = 50, 10.0, 0.7
 REFIT_EVERY, UPDATES, BATCH, DRAW_GAP = 25, 160, 64, 4
@@ -81,6 +86,10 @@ FULL_ROUNDS, QUICK_ROUNDS, TUNE_ROUNDS, TUNE_SEEDS = 2000, 100, 600, (1000, 1001
 # (TUNE_ROUNDS rounds) in the grid TUNE_GRID (``python examples/bandit.py --tune``; for the
 # wheel's identity and greedy, whose best value was 3e-1 and 3e-4..1e-1, lr = 1 was tried as
 # well: it is worse, and identity then fails refits). Seeds of the tuning differ from the runs.
+# The SGHMC policies (session 4) were tuned on the part of the grid around their SGLD
+# counterpart's value, extended where the best value sat at an end: mushroom sghmc 3e-4..3e-2
+# (1e-3), bnp-sghmc 1e-4..1e-2 (1e-4, the end: 1e-4 is below TUNE_GRID, 895 against 908 at
+# 3e-4, within noise); wheel sghmc 3e-3..1 (3e-2), bnp-sghmc 1e-3..3e-2 (3e-3).
 TUNE_GRID = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 LR = {
     "mushroom": {
@@ -90,6 +99,8 @@ LR = {
         "bnp": 1e-3,
         "bnp+rmsprop": 1e-3,
         "bnp-cap": 1e-3,  # plain BNP's, not tuned
+        "sghmc": 1e-3,  # SGHMC policies: tuned on TUNE_SEEDS by the same rule (see below)
+        "bnp-sghmc": 1e-4,
     },
     "wheel": {
         "greedy": 3e-4,
@@ -98,6 +109,8 @@ LR = {
         "bnp": 1e-2,
         "bnp+rmsprop": 3e-3,
         "bnp-cap": 1e-2,  # plain BNP's, not tuned
+        "sghmc": 3e-2,
+        "bnp-sghmc": 3e-3,
     },
 }
 COLORS = {"uniform": "0.6", "greedy": "k", **_common.COLORS, "bnp-cap": "C4"}
@@ -143,11 +156,12 @@ def refit(net, policy, lr, x, a, r, z):
     """One refit: a new kernel on the data so far, warm-started at ``z``; returns draws."""
     pre, temperature = SAMPLERS[policy]
     t = x.shape[0]
-    kernel = pyro_bnp.SGLD(
+    kernel = _common.make_kernel(  # SGLD, or SGHMC for the SGHMC policies
+        policy,
         net,
-        step_size=2.0 * lr / t,
+        2.0 * lr / t,
+        pre=_common.preconditioner(pre),
         subsample_size={"data": min(BATCH, t)},
-        preconditioner=_common.preconditioner(pre),
         temperature=temperature,
     )
     if z is not None:

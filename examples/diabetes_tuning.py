@@ -57,8 +57,8 @@ FULL: dict[str, dict[str, Any]] = {
 }
 QUICK: dict[str, dict[str, Any]] = {
     "nuts": {"warmup": 100, "samples": 100, "chains": 1},
-    "tune": {"warmup": 100, "samples": 150, "ksd_draws": 100, "grid": (1e-5, 1e-4, 1e-3, 1e-1)},
-    "long": {"warmup": 200, "samples": 300, "thin": 1},
+    "tune": {"warmup": 100, "samples": 150, "ksd_draws": 100, "grid": (1e-4, 1e-3, 1e-1)},
+    "long": {"warmup": 100, "samples": 200, "thin": 1},
 }
 
 

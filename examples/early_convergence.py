@@ -15,12 +15,16 @@ so BNP can undo all of it) and non-centred means 1, -2, 3, -4, 5:
     draw's ``sigma``, on held-out rows); the target is a fixed NLL level.
 
 For plain SGLD (``identity``), pSGLD (``rmsprop``), BNP-SGLD (``bnp``) and ``bnp+rmsprop`` (and,
-on the BNN, ``bnp-others``: ``BNP(others="rmsprop")``, RMSprop on ``sigma``) it
+on the BNN, ``bnp-others``: ``BNP(others="rmsprop")``, RMSprop on ``sigma``), and for
+``sghmc`` and ``bnp-sghmc`` (``pyro_bnp.SGHMC`` with the identity and plain BNP, friction fixed
+at ``h alpha = 0.1``, step size given as the SGLD step size of the same linear stability,
+``_common.sghmc_step``; grids: SGLD's and BNP-SGLD's plus one smaller value) it
 runs a small log-spaced grid of step sizes, several seeds, and the same budget of gradient
 evaluations (mini-batches of 100 of 2000 rows). Per method the best step size is the one with
 the smallest median number of updates to reach the target (a run that never reaches it counts
 as ``budget + 1``; a run that the kernel stops with a ``RuntimeError`` is a failure and counts
 the same). It prints a table and writes ``results.json`` and ``early_convergence.png``.
+``--methods a,b`` runs a subset of the methods (e.g. only the SGHMC rows).
 """
 
 from __future__ import annotations
@@ -44,8 +48,6 @@ from pyro.nn import PyroModule, PyroSample
 from torch import nn
 from tqdm import tqdm
 
-import pyro_bnp
-
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -64,6 +66,8 @@ GRIDS = {
         "rmsprop": [1e-4, 3e-4, 1e-3],
         "bnp": [3e-5, 1e-4, 3e-4],
         "bnp+rmsprop": [1e-4, 3e-4, 1e-3],
+        "sghmc": [5e-6, 1e-5, 2e-5, 4e-5],  # SGLD's grid plus one smaller value
+        "bnp-sghmc": [1e-5, 3e-5, 1e-4, 3e-4],  # BNP-SGLD's plus one smaller value
     },
     "bnn": {
         "identity": [3e-6, 1e-5, 2e-5],  # 3e-5 diverges
@@ -71,6 +75,8 @@ GRIDS = {
         "bnp": [3e-6, 1e-5, 2e-5],  # 3e-5 diverges
         "bnp+rmsprop": [1e-5, 3e-5, 1e-4],
         "bnp-others": [1e-5, 3e-5, 1e-4],
+        "sghmc": [1e-6, 3e-6, 1e-5, 2e-5],
+        "bnp-sghmc": [1e-6, 3e-6, 1e-5, 2e-5],
     },
 }
 
@@ -155,8 +161,9 @@ def run_one(problem, method: str, eps: float, seed: int, budget: int) -> dict:
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = factory()
-    pre = _common.preconditioner(method)  # bnp-others: BNP on the layers, RMSprop on sigma
-    kernel = pyro_bnp.SGLD(model, step_size=eps, subsample_size={"data": BATCH}, preconditioner=pre)
+    # bnp-others: BNP on the layers, RMSprop on sigma; sghmc / bnp-sghmc: SGHMC at the SGLD
+    # step size eps of the same linear stability (h alpha = 0.1)
+    kernel = _common.make_kernel(method, model, eps, subsample_size={"data": BATCH})
     trace: list[float] = []
 
     def hook(_kernel, params, _stage, _i):
@@ -198,16 +205,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 seeds, 300 updates per run")
     parser.add_argument("--out", default="out/early_convergence", help="output directory")
     parser.add_argument("--problems", default="linreg,bnn", help="comma-separated subset")
+    parser.add_argument(
+        "--methods", default="", help="comma-separated subset of the methods (default: all)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [0, 1] if args.quick else [0, 1, 2]
     budget = 300 if args.quick else 3000
     problems = args.problems.split(",")
+    chosen = [m for m in args.methods.split(",") if m]
+    grids = {p: {m: g for m, g in GRIDS[p].items() if not chosen or m in chosen} for p in problems}
+    if args.quick:  # keep the smoke run short: two values of each SGHMC grid
+        grids = {
+            p: {m: g[1:3] if _common.is_sghmc(m) else g for m, g in gp.items()}
+            for p, gp in grids.items()
+        }
     torch.set_num_threads(1)
 
     data = make_data(seed=12345)
-    jobs = [(p, m, e, s) for p in problems for m in GRIDS[p] for e in GRIDS[p][m] for s in seeds]
+    jobs = [(p, m, e, s) for p in problems for m in grids[p] for e in grids[p][m] for s in seeds]
     built = {p: make_problem(p, data) for p in problems}
     raw: dict[tuple, list[dict]] = {}
     start = time.perf_counter()
@@ -225,7 +242,12 @@ def main() -> None:
             "n_test": N_TEST,
             "scales": SCALES,
             "means": MEANS,
-            "grids": {p: GRIDS[p] for p in problems},
+            "grids": grids,
+            "sghmc": {
+                "methods": _common.SGHMC_METHODS,
+                "momentum_decay_h_alpha": _common.MOMENTUM_DECAY,
+                "eps": "SGLD step size of the same linear stability, eps = 2 h^2 / (2 - h alpha)",
+            },
             "seconds": elapsed,
         },
         "problems": {},
@@ -237,9 +259,9 @@ def main() -> None:
         label = "Mahalanobis distance" if p == "linreg" else "test NLL"
         print(f"\n[{p}] metric: {label}, target {target:.3f}, budget {budget} updates")
         print(f"{'method':<13}{'best eps':>10}{'median':>9}{'min':>7}{'max':>7}  final metric")
-        for m in GRIDS[p]:
+        for m in grids[p]:
             grid = {
-                eps: summarize(raw[(p, m, eps)], budget) for eps in GRIDS[p][m]
+                eps: summarize(raw[(p, m, eps)], budget) for eps in grids[p][m]
             }  # best: fewest median evals, then fewest failures, then lowest final metric
             best = min(
                 grid,
@@ -255,6 +277,9 @@ def main() -> None:
                 **b,
                 "grid": {f"{e:g}": g for e, g in grid.items()},
             }
+            if _common.is_sghmc(m):
+                h, alpha = _common.sghmc_step(best)
+                entry["methods"][m]["sghmc"] = {"step_size_h": h, "friction": alpha}
             fin = (
                 f"{b['final_mean']:.3f} ± {b['final_sd']:.3f}"
                 if b["final_mean"] is not None

@@ -21,7 +21,11 @@ convergence of SGLD on a residual network), reproduced with our own settings:
   of the test split (``--test-size``). Per-channel normalisation with the training subset's
   mean and sd; no augmentation (it would make the likelihood itself random).
 * **Methods**: SGLD (``identity``), pSGLD (``rmsprop``), BNP-SGLD (``bnp``) and BNP + RMSprop,
-  the same number of gradient evaluations (mini-batches of ``--batch-size``, shuffled epochs).
+  SGHMC (``sghmc``) and BNP-SGHMC (``bnp-sghmc``: ``pyro_bnp.SGHMC`` with the identity and
+  plain BNP, issue 15; friction fixed at ``h alpha = 0.1``, step size given as the SGLD step
+  size of the same linear stability, ``_common.sghmc_step``), the same number of gradient
+  evaluations (mini-batches of ``--batch-size``, shuffled epochs). ``--methods a,b`` runs a
+  subset (a results file of its own).
 * **Step sizes**: for every method a small grid is tried in short pilot runs (``--pilot-epochs``
   epochs, one seed); the step size with the lowest validation NLL of the last draw is used.
 * **Metrics**: the posterior predictive average (mean softmax over the draws collected so far:
@@ -55,7 +59,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from _common import COLORS, LABELS, METHODS
+from _common import COLORS, LABELS, METHODS, SGHMC_METHODS
 from PIL import Image
 from pyro import poutine
 from pyro.nn import PyroModule, PyroSample
@@ -86,8 +90,26 @@ CLASSES = [
 # final layer's by 1 / s^2 (pooled features have small variance): eps = 8e-4 already explodes.
 _GRID = [1.6e-5, 8e-5, 4e-4]  # SGLD and BNP-SGLD (eps = 2 lr / N for an SGD rate lr)
 _RMS_GRID = [8e-8, 4e-7, 2e-6]  # pSGLD and BNP + RMSprop (RMSprop units)
-GRIDS = {"identity": _GRID, "rmsprop": _RMS_GRID, "bnp": _GRID, "bnp+rmsprop": _RMS_GRID}
-QUICK_STEPS = {"identity": 1.6e-5, "rmsprop": 4e-7, "bnp": 3.2e-5, "bnp+rmsprop": 4e-7}
+# SGHMC rows: eps is the SGLD step size of the same linear stability (h alpha = 0.1 fixed), the
+# grid SGLD's plus one value 5x below (the momentum accumulates mini-batch gradient noise)
+_SGHMC_GRID = [3.2e-6, *_GRID]
+GRIDS = {
+    "identity": _GRID,
+    "rmsprop": _RMS_GRID,
+    "bnp": _GRID,
+    "bnp+rmsprop": _RMS_GRID,
+    "sghmc": _SGHMC_GRID,
+    "bnp-sghmc": _SGHMC_GRID,
+}
+QUICK_STEPS = {
+    "identity": 1.6e-5,
+    "rmsprop": 4e-7,
+    "bnp": 3.2e-5,
+    "bnp+rmsprop": 4e-7,
+    "sghmc": 1.6e-5,
+    "bnp-sghmc": 3.2e-5,
+}
+ALL_METHODS = [*METHODS, *SGHMC_METHODS]  # the default --methods
 ECE_BINS = 15
 GN_GROUPS = 8
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -296,7 +318,7 @@ def metrics(probs: Tensor, labels: Tensor) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- runs
-def check_layers(kernel: pyro_bnp.SGLD, net: ResNet, log: Any) -> dict[str, Any]:
+def check_layers(kernel: pyro_bnp.SGLD | pyro_bnp.SGHMC, net: ResNet, log: Any) -> dict[str, Any]:
     """Check that BNP found every Conv2d and the Linear layer; log q^2 per layer."""
     found = [ref.name for ref in kernel.layers]
     expected_refs, _ = find_layers(net, set(kernel.initial_params))
@@ -345,8 +367,8 @@ def run_chain(
     b = cfg["batch_size"]
     n = data["x"].shape[0]
     per_epoch = n // b
-    pre = _common.preconditioner(method)
-    kernel = pyro_bnp.SGLD(net, step_size=step_size, subsample_size={"data": b}, preconditioner=pre)
+    # SGLD, or SGHMC at the SGLD step size of the same linear stability (_common.make_kernel)
+    kernel = _common.make_kernel(method, net, step_size, subsample_size={"data": b})
     kernel.setup(0, data["x"], data["y"])
     z = kernel.initial_params
     total = max(1, round(epochs * per_epoch))
@@ -425,7 +447,7 @@ def report(results: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     header = f"{'method':22s} {'eps':>8s} " + " ".join(
         f"{'acc@' + str(e):>8s} {'nll@' + str(e):>8s} {'ece@' + str(e):>8s}" for e in marks
     )
-    rows = [(LABELS[m], m, steps[m], results["runs"][m]) for m in METHODS]
+    rows = [(LABELS[m], m, steps[m], results["runs"][m]) for m in results["runs"]]
     for name, runs in results.get("extra_runs", {}).items():
         method, eps = name.split("@")
         rows.append((f"{ALL_LABELS[method]} (extra)", name, float(eps), runs))
@@ -450,7 +472,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     epochs = results["config"]["epochs"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     x = np.arange(1, epochs + 1)
-    curves = [(LABELS[m], COLORS[m], "o-", results["runs"][m]) for m in METHODS]
+    curves = [(LABELS[m], COLORS[m], "o-", results["runs"][m]) for m in results["runs"]]
     for name, runs in results.get("extra_runs", {}).items():
         method, eps = name.split("@")
         curves.append((f"{ALL_LABELS[method]} eps={eps}", ALL_COLORS[method], "s--", runs))
@@ -488,18 +510,20 @@ def _main_runs(
     cfg: dict[str, Any],
     log: Any,
 ) -> dict[str, Any]:
-    """Run the step-size pilot and the chains of the four samplers; return the results."""
+    """Run the step-size pilot and the chains of the ``--methods``; return the results."""
+    methods = args.methods
     pilot: dict[str, Any] = {}
     steps: dict[str, float] = {}
     if args.no_pilot:
-        steps = dict(QUICK_STEPS) if args.quick else {m: GRIDS[m][1] for m in METHODS}
+        src = QUICK_STEPS if args.quick else {m: GRIDS[m][len(GRIDS[m]) // 2] for m in methods}
+        steps = {m: src[m] for m in methods}
     else:
         x_val, y_val = (
             to_tensor(sets["train_val"][0], mean, sd),
             torch.from_numpy(sets["train_val"][1]),
         )
         log(f"pilot: {args.pilot_epochs} epoch(s) per step size, {len(y_val)} validation images")
-        for method in METHODS:
+        for method in methods:
             pilot[method] = []
             for eps in GRIDS[method]:
                 r = run_chain(
@@ -524,12 +548,13 @@ def _main_runs(
                 pilot[method], key=lambda d: math.inf if d["val_nll"] is None else d["val_nll"]
             )
             steps[method] = best["step_size"]
-        log("chosen step sizes: " + ", ".join(f"{LABELS[m]} {steps[m]:.1e}" for m in METHODS))
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+        log("chosen step sizes: " + ", ".join(f"{LABELS[m]} {steps[m]:.1e}" for m in methods))
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     checked = False
+    bnp_row = "bnp" if "bnp" in methods else "bnp-sghmc"  # the chain whose layers are checked
     for seed in range(args.seeds):
-        for method in METHODS:
-            check = method == "bnp" and not checked
+        for method in methods:
+            check = method == bnp_row and not checked
             r = run_chain(
                 method, steps[method], seed, data, x_test, y_test, cfg, args.epochs,
                 f"{LABELS[method]} seed {seed}", log, check=check,
@@ -552,7 +577,15 @@ def _main_runs(
             "epochs": args.epochs,
             "seeds": args.seeds,
             "pilot_epochs": None if args.no_pilot else args.pilot_epochs,
-            "grids": GRIDS,
+            "grids": {m: GRIDS[m] for m in methods},
+            "sghmc": {
+                "methods": {m: SGHMC_METHODS[m] for m in methods if m in SGHMC_METHODS},
+                "momentum_decay_h_alpha": _common.MOMENTUM_DECAY,
+                "eps": "SGLD step size of the same linear stability, eps = 2 h^2 / (2 - h alpha)",
+                "h_friction": {
+                    m: _common.sghmc_step(steps[m]) for m in methods if m in SGHMC_METHODS
+                },
+            },
             "step_sizes": steps,
             "gn_groups": GN_GROUPS,
             "ece_bins": ECE_BINS,
@@ -602,6 +635,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--pilot-epochs", type=float, default=1.0)
     p.add_argument("--no-pilot", action="store_true", help="use the middle of each grid")
     p.add_argument(
+        "--methods",
+        default=",".join(ALL_METHODS),
+        help="comma-separated samplers (default: all six; e.g. sghmc,bnp-sghmc)",
+    )
+    p.add_argument(
         "--also",
         action="append",
         default=[],
@@ -619,6 +657,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--threads", type=int, default=1, help="2 threads on 2 busy cores was 10x slower"
     )
     args = p.parse_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    if not args.methods or sorted(set(args.methods) - set(ALL_METHODS)):
+        p.error(f"--methods: choose from {ALL_METHODS}, got {args.methods}")
     if args.quick:
         args.train_size, args.val_size, args.test_size = 200, 0, 200
         args.epochs, args.seeds, args.batch_size = 2, 1, 50
@@ -626,13 +667,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for spec in args.also:
         method, _, eps_text = spec.partition("=")
         try:
-            ok = (method in METHODS or method == "bnp-cap") and float(eps_text) > 0
+            ok = (method in ALL_METHODS or method == "bnp-cap") and float(eps_text) > 0
         except ValueError:
             ok = False
         if not ok:
-            p.error(
-                f"--also expects METHOD=EPS with METHOD in {[*METHODS, 'bnp-cap']}, got {spec!r}"
-            )
+            known = [*ALL_METHODS, "bnp-cap"]
+            p.error(f"--also expects METHOD=EPS with METHOD in {known}, got {spec!r}")
     for name in ("train_size", "test_size", "val_size"):
         if getattr(args, name) % 10:
             p.error(f"--{name.replace('_', '-')} must be a multiple of 10 (class-balanced)")

@@ -1,4 +1,4 @@
-"""Simulation study: SGLD, pSGLD, BNP-SGLD and BNP+RMSprop on badly scaled, non-centred inputs.
+"""Simulation study: SGLD, pSGLD, BNP-SGLD, BNP+RMSprop, SGHMC and BNP-SGHMC on badly scaled inputs.
 
 Run with ``python examples/simulation.py [--quick] [--out DIR] [--seeds K]``. The inputs are
 the early-convergence study's (``examples/early_convergence.py``, whose data, models and exact
@@ -30,6 +30,11 @@ Three parts, each for every setting:
    BNP-SGLD is also *run* with ``eps1 = 0`` (an extra method, ``bnp_eps1_0``); on the BNN,
    ``BNP(others="rmsprop")`` is run too (``bnp-others``: RMSprop on ``sigma``, session 3).
 
+SGHMC and BNP-SGHMC (``pyro_bnp.SGHMC`` with the identity and plain BNP; issue 15) are rows of
+every part, with the friction fixed at ``h alpha = 0.1`` and their step size written as the SGLD
+step size ``eps`` of the same linear stability (``_common.sghmc_step``): their grids are the
+grids of SGLD and BNP-SGLD plus one value below (the momentum accumulates gradient noise).
+
 Every method gets the same budget of updates (mini-batches of 100 of 2000 rows; default 3000),
 ``--seeds`` seeds (default 3) and a step size picked from a small per-method grid (``GRIDS``) by
 pilot chains of a fifth of the budget on two other seeds (lowest mean final running KL, resp.
@@ -58,7 +63,7 @@ import matplotlib
 import numpy as np
 import pyro
 import torch
-from _common import METHODS
+from _common import METHODS, SGHMC_METHODS
 from bnn import BNN
 from early_convergence import LinReg, exact_posterior
 from pyro.infer import MCMC
@@ -70,6 +75,7 @@ from pyro_bnp.diagnostics import ConditionRecorder, LayerDerivatives
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+SGHMC = tuple(SGHMC_METHODS)  # "sghmc", "bnp-sghmc": rows of every part (issue 15)
 EXTRA = "bnp_eps1_0"  # BNP-SGLD with eps1 = 0, run on the severe linear model only
 OTHERS = "bnp-others"  # BNP(others="rmsprop"): RMSprop on the BNN's sigma, run on the BNN only
 LABELS = {**_common.LABELS, EXTRA: "BNP-SGLD, eps1=0", OTHERS: "BNP, others=RMSprop"}
@@ -93,14 +99,18 @@ GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
     "moderate": {
         "linreg": {
             "identity": _EC["linreg"]["identity"],  # 4e-5 diverges
+            "sghmc": [5e-6] + _EC["linreg"]["identity"],
             "rmsprop": _EC["linreg"]["rmsprop"] + [3e-3],
             "bnp": _EC["linreg"]["bnp"],
+            "bnp-sghmc": [1e-5] + _EC["linreg"]["bnp"],
             "bnp+rmsprop": _EC["linreg"]["bnp+rmsprop"] + [3e-3],
         },
         "bnn": {
             "identity": _EC["bnn"]["identity"],  # 3e-5 diverges
+            "sghmc": [1e-6] + _EC["bnn"]["identity"],
             "rmsprop": [3e-6] + _EC["bnn"]["rmsprop"],
             "bnp": _EC["bnn"]["bnp"],  # 3e-5 diverges, 2e-5 in some seeds
+            "bnp-sghmc": [1e-6] + _EC["bnn"]["bnp"],
             "bnp+rmsprop": _EC["bnn"]["bnp+rmsprop"],
             OTHERS: _EC["bnn"]["bnp-others"],
         },
@@ -108,15 +118,19 @@ GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
     "severe": {
         "linreg": {
             "identity": [5e-8, 1e-7, 2e-7],  # 3e-7 diverges
+            "sghmc": [2e-8, 5e-8, 1e-7, 2e-7],
             "rmsprop": [3e-4, 1e-3, 3e-3],
             "bnp": [3e-4, 1e-3, 1.5e-3],  # 3e-3 diverges, 2e-3 nearly
+            "bnp-sghmc": [1e-4, 3e-4, 1e-3, 1.5e-3],
             "bnp+rmsprop": [1e-2, 3e-2, 1e-1],
             EXTRA: [3e-5, 1e-4, 3e-4, 1e-3],  # 2e-3 diverges
         },
         "bnn": {
             "identity": [1e-6, 3e-6, 1e-5, 3e-5],
+            "sghmc": [3e-7, 1e-6, 3e-6, 1e-5, 3e-5],
             "rmsprop": [1e-5, 3e-5, 1e-4, 3e-4],
             "bnp": [3e-6, 1e-5, 3e-5, 1e-4],  # 3e-4 diverges, 3e-5 in some seeds
+            "bnp-sghmc": [1e-6, 3e-6, 1e-5, 3e-5, 1e-4],
             "bnp+rmsprop": [3e-5, 1e-4, 3e-4],
             OTHERS: [3e-6, 1e-5, 3e-5, 1e-4],  # plain BNP's grid
         },
@@ -320,14 +334,19 @@ def run_chain(
     checks: np.ndarray,
     cond_every: int = 0,
 ) -> dict:
-    """One chain of ``budget`` updates: running error curves and condition-number records."""
+    """One chain of ``budget`` updates: running error curves and condition-number records.
+
+    ``eps`` is SGLD's step size; for the SGHMC rows the SGLD step size of the same linear
+    stability (``_common.make_kernel``).
+    """
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    kernel = pyro_bnp.SGLD(
+    kernel = _common.make_kernel(
+        method,
         problem.factory(),
-        step_size=eps,
+        eps,
+        pre=None if _common.is_sghmc(method) else make_preconditioner(method),
         subsample_size={"data": ec.BATCH},
-        preconditioner=make_preconditioner(method),
     )
     draws: list[np.ndarray] = []
     iters: list[int] = []
@@ -448,12 +467,12 @@ def pilot(problem: Problem, setting: str, method: str, budget: int) -> dict:
 
 
 def method_list(setting: str, problem: str) -> list[str]:
-    """Return the four methods plus the extras of a setting and problem.
+    """Return the four SGLD methods, the two SGHMC rows and the extras of a setting and problem.
 
     BNP-SGLD with ``eps1 = 0`` on the severe linear model, ``BNP(others="rmsprop")`` on the BNN.
     """
     extra = [EXTRA] if (setting, problem) == ("severe", "linreg") else []
-    return METHODS + extra + ([OTHERS] if problem == "bnn" else [])
+    return METHODS + list(SGHMC) + extra + ([OTHERS] if problem == "bnn" else [])
 
 
 def main() -> None:
@@ -508,6 +527,11 @@ def main() -> None:
             "means": ec.MEANS,
             "scales": SETTINGS,
             "grids": GRIDS,
+            "sghmc": {
+                "methods": SGHMC_METHODS,
+                "momentum_decay_h_alpha": _common.MOMENTUM_DECAY,
+                "eps": "SGLD step size of the same linear stability, eps = 2 h^2 / (2 - h alpha)",
+            },
             "checkpoints": checks.tolist(),
             "running_window": "draws of updates t/2..t",
             "condition_every": cond_every,
@@ -531,6 +555,9 @@ def main() -> None:
                 "final": {},
                 "early": {},
             }
+            if _common.is_sghmc(m):  # the SGHMC update behind the SGLD-equivalent eps
+                h, alpha = _common.sghmc_step(res_m["eps"])
+                res_m["sghmc"] = {"step_size_h": h, "friction": alpha}
             for k in runs[0]["curves"]:
                 arr = _stack(runs, k)
                 with np.errstate(all="ignore"), warnings.catch_warnings():

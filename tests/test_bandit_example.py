@@ -10,7 +10,7 @@ import pytest
 from _run import METHODS, ROOT, load_example, run_example
 
 DATA_DIR = ROOT.parent / "shared" / "data"
-POLICIES = {"uniform", "greedy", *METHODS}
+POLICIES = {"uniform", "greedy", *METHODS, "sghmc", "bnp-sghmc"}  # SGHMC: issue 15
 
 bp = load_example("_bandit_problems")
 

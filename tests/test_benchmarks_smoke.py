@@ -74,7 +74,10 @@ def test_run_all_quick(tmp_path: Path) -> None:
             "bnp+rmsprop",
             "bnp-frozen",
             "pyro_grad",
+            "sghmc identity",
+            "sghmc bnp",
         } <= set(timings)
+        assert all(math.isfinite(v) and v > 0 for v in case["sghmc_over_sgld"].values())
         assert all(t["median_us"] > 0 for t in timings.values())
         assert case["bnp_overhead"] > 0 and case["bnp_frozen_overhead"] > 0
         assert case["divergences"] == {k: 0 for k in case["divergences"]}
@@ -83,6 +86,11 @@ def test_run_all_quick(tmp_path: Path) -> None:
     nuts = results["nuts"]
     assert [m["method"] for m in nuts["methods"]] == ["nuts", "sgld", "psgld", "bnp"]
     assert nuts["target_nll"] is not None
+    more = {m["method"]: m for m in nuts["more_methods"]}
+    assert {"sghmc", "bnp-sghmc"} <= set(more)
+    assert all(
+        more[m]["sampler"] == "sghmc" and more[m]["draws"] > 0 for m in ("sghmc", "bnp-sghmc")
+    )
     memory = results["memory"]
     assert [c["config"] for c in memory["configs"]][0] == "baseline"
     assert all(c["peak_rss_mb"] > 0 for c in memory["configs"])

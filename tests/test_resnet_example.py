@@ -96,7 +96,10 @@ def test_resnet_quick(tmp_path):
     data_dir = ARCHIVE.parents[1]
     run_example("resnet", "--quick", "--out", tmp_path, "--data-dir", data_dir, timeout=120)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["runs"]) == METHODS
+    assert set(results["runs"]) == METHODS | {"sghmc", "bnp-sghmc"}  # SGHMC rows: issue 15
+    for m in ("sghmc", "bnp-sghmc"):
+        h, alpha = results["config"]["sghmc"]["h_friction"][m]
+        assert h * alpha == pytest.approx(0.1)
     for method, runs in results["runs"].items():
         assert runs and runs[0]["failed"] is None, method
         hist = runs[0]["history"]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from _run import METHODS, run_example
 
 CASES = {"moderate/linreg", "moderate/bnn", "severe/linreg", "severe/bnn"}
+SGHMC = {"sghmc", "bnp-sghmc"}  # pyro_bnp.SGHMC rows (issue 15)
 
 
 def _finite(x) -> bool:
@@ -23,7 +25,7 @@ def test_simulation_quick(tmp_path):
     assert set(results["results"]) == CASES
 
     for case, entry in results["results"].items():
-        assert set(entry["methods"]) == METHODS, case
+        assert set(entry["methods"]) == METHODS | SGHMC, case
         metrics = ["mahalanobis", "cov_rel_frob", "var_rel_err", "kl"]
         if case.endswith("bnn"):
             metrics = ["nll"]
@@ -43,6 +45,11 @@ def test_simulation_quick(tmp_path):
                 for block in blocks.values():
                     assert _finite(block["last"]["kappa"]) and _finite(block["last"]["kappa_bnp"])
         assert "condition" not in entry["methods"]["rmsprop"]
+        for m in SGHMC:  # the SGHMC update behind the SGLD-equivalent step size
+            r = entry["methods"][m]
+            h, alpha = r["sghmc"]["step_size_h"], r["sghmc"]["friction"]
+            assert _finite(h) and _finite(alpha) and h * alpha == pytest.approx(0.1)
+            assert 2 * h**2 / (2 - h * alpha) == pytest.approx(r["eps"])
 
     # severe linear model: BNP lowers the condition number of the neuron's Hessian / Fisher
     # block, and without the floor (eps1 = 0) by far more (about kappa(D)^2)

@@ -256,5 +256,9 @@ def test_diabetes_example_quick(tmp_path):
         if method.get("skipped"):
             continue
         assert math.isfinite(method["step_size"]) and math.isfinite(method["ksd"]), name
-        for site in method["sites"]:
-            assert math.isfinite(site["mean_error_sd"]) and math.isfinite(site["sd_ratio"])
+        runs = [method] + ([method["smaller"]] if "smaller" in method else [])
+        for run in runs:  # the chosen step size and the next smaller one of the grid
+            assert math.isfinite(run["ksd"])
+            for site in run["sites"]:
+                assert math.isfinite(site["mean_error_sd"]) and math.isfinite(site["sd_ratio"])
+    assert any("smaller" in m for m in results["methods"].values())
