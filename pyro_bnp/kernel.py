@@ -37,6 +37,7 @@ from pyro_bnp.chain import (
     norm,
     suggest_step_size,
 )
+from pyro_bnp.compiled import COMPILE_MODES, CompiledUpdate, CompileUnsupported, warn_once
 from pyro_bnp.integrators import sgld_step
 from pyro_bnp.layers import LayerHooks, find_layers
 from pyro_bnp.names import make_preconditioner
@@ -211,8 +212,20 @@ class SGMCMC(MCMCKernel):
         max_rejections: int = 20,
         max_abs_param: float = 1e10,
         health: Health | None = Health(),  # noqa: B008 (a frozen dataclass: immutable)
+        compile: bool | str = False,
+        compile_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.health = _check_health(health)
+        if not any(compile is mode or compile == mode for mode in COMPILE_MODES):
+            raise ValueError(f"compile must be False, True, 'auto' or 'trace', got {compile!r}")
+        if compile_options is not None and not isinstance(compile_options, Mapping):
+            raise ValueError(
+                "compile_options must be a dict (inductor options and 'checks'), got "
+                f"{compile_options!r}"
+            )
+        self.compile = compile
+        self.compile_options = dict(compile_options or {})
+        self._graphs: dict[Any, Any] = {}  # traced updates, kept across set-ups of this kernel
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
         self.model = model
@@ -250,6 +263,8 @@ class SGMCMC(MCMCKernel):
         self._stats = DrawStats()
         self._returned: dict[str, Tensor] | None = None
         self._monitor: HealthMonitor | None = None
+        self._compiled: CompiledUpdate | None = None
+        self._compile_failed = False
 
     @property
     def initial_params(self) -> dict[str, Tensor]:
@@ -410,9 +425,7 @@ class SGMCMC(MCMCKernel):
             self._evaluate_at(z, "at the parameters passed to sample() is not finite")
         if chain.draw in (0, self._warmup_steps):  # at the start and after warmup
             self._show_warnings(self._sgld_equivalent(self._step_size_at(chain.t)))
-        diverging = False
-        for _ in range(self.thin):
-            diverging = not self._update(chain) or diverging
+        diverging = self._updates(chain, self.thin)
         chain.draw += 1
         self._returned = out = dict(chain.z)  # a fresh dict: the caller may modify it
         if chain.draw == self._warmup_steps and self.preconditioner.freeze_after_warmup:
@@ -427,6 +440,45 @@ class SGMCMC(MCMCKernel):
     def _update(self, chain: ChainState) -> bool:
         """One update of ``chain`` (in place); False if rejected. Each sampler writes its own."""
         raise NotImplementedError
+
+    def _integrator(self) -> str:
+        """Return the update equation's name, for the compiled path ("sgld" or "sghmc")."""
+        raise NotImplementedError
+
+    def _updates(self, chain: ChainState, num: int) -> bool:
+        """Make ``num`` updates (one draw), compiled where possible; True if one was rejected."""
+        compiled = self._compiled_update()
+        if compiled is not None:
+            t0 = chain.t
+            try:
+                return compiled.run(chain, num)
+            except CompileUnsupported as exc:  # the chain is at a valid, evaluated state
+                self._stop_compiling(str(exc), unexpected=True)
+                chain.gnorm = norm(chain.grads)
+                num -= chain.t - t0
+        diverging = False
+        for _ in range(num):
+            diverging = not self._update(chain) or diverging
+        return diverging
+
+    def _compiled_update(self) -> CompiledUpdate | None:
+        """Return the chain's compiled update (made at the first draw), or None: eager."""
+        if self.compile is False or self._compile_failed:
+            return None
+        if self._compiled is None:
+            try:
+                self._compiled = CompiledUpdate(self, self.compile, self.compile_options)
+            except CompileUnsupported as exc:
+                self._stop_compiling(str(exc), unexpected=False)
+                return None
+            self._compiled.attach(self._graphs)
+        return self._compiled
+
+    def _stop_compiling(self, reason: str, unexpected: bool) -> None:
+        """Fall back to the eager update for this chain; warn (once per reason)."""
+        self._compile_failed, self._compiled = True, None
+        if unexpected or self.compile != "auto":
+            warn_once(self, reason)
 
     def _sgld_equivalent(self, step_size: float) -> float:
         """Return the SGLD step size of equal linear stability (for BNP's prior checks)."""
@@ -578,7 +630,9 @@ class SGMCMC(MCMCKernel):
         # Pyro's chains in spawned processes unpickle the kernel in a fresh interpreter, which
         # does not inherit torch.set_num_threads: the kernel carries it along (measured: 4
         # spawned chains at torch's default threads ran 10-16x slower than at one thread each).
-        return {**self.__dict__, "_torch_threads": torch.get_num_threads()}
+        state = {**self.__dict__, "_torch_threads": torch.get_num_threads()}
+        state.update(_graphs={}, _compiled=None)  # compiled graphs are rebuilt, not pickled
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         threads = state.pop("_torch_threads", None)
@@ -596,6 +650,7 @@ class SGMCMC(MCMCKernel):
             "thin": self.thin,
             "subsample_size": repr(self.subsample_size),
             "rng_seed": 0 if self.chain is None else self.chain.rng_seed,
+            "compile": repr(self.compile),
         }
 
 
@@ -711,6 +766,9 @@ class SGLD(SGMCMC):
     >>> mcmc = pyro.infer.MCMC(kernel, num_samples=500, warmup_steps=500)  # doctest: +SKIP
     >>> mcmc.run(x, y)  # doctest: +SKIP
     """
+
+    def _integrator(self) -> str:
+        return "sgld"
 
     def _update(self, chain: ChainState) -> bool:
         """One SGLD update of ``chain`` (in place); False if the proposal was rejected."""

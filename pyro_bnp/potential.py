@@ -122,9 +122,11 @@ class _LogJoint(_Plates):
         values: Mapping[str, Tensor],
         indices: Mapping[str, Tensor],
         cached: Mapping[str, Any] | None = None,
+        traced: bool = False,
     ) -> None:
         super().__init__(indices)
         self.values = values
+        self.traced = traced  # tensor arithmetic only (no host reads): for tracing
         self.total: Tensor | float = 0.0
         self.cached = cached or {}  # sites the module cache should have answered
         self.bypassed: str | None = None
@@ -147,7 +149,7 @@ class _LogJoint(_Plates):
             return
         scale = msg["scale"]
         if msg["mask"] is None and isinstance(scale, numbers.Real):
-            fast = _iid_normal_log_prob_sum(msg["fn"], msg["value"], float(scale))
+            fast = _iid_normal_log_prob_sum(msg["fn"], msg["value"], float(scale), self.traced)
             if fast is not None:
                 self.total = self.total + fast
                 return
@@ -159,7 +161,9 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _NORMAL_LOG_PROB = Normal.log_prob  # subclasses that override log_prob take the slow path
 
 
-def _iid_normal_log_prob_sum(fn: Any, value: Tensor, factor: float = 1.0) -> Tensor | None:
+def _iid_normal_log_prob_sum(
+    fn: Any, value: Tensor, factor: float = 1.0, traced: bool = False
+) -> Tensor | None:
     """``factor * fn.log_prob(value).sum()`` by one difference and one dot product, else None.
 
     For a Normal (possibly ``.expand(...).to_event(k)``) whose ``scale`` is one value
@@ -167,7 +171,8 @@ def _iid_normal_log_prob_sum(fn: Any, value: Tensor, factor: float = 1.0) -> Ten
     one value too: no difference at all when it is a constant 0) and the usual Gaussian
     likelihood with a fixed or latent noise scale. ``Normal.log_prob`` costs five elementwise
     passes and their backward. ``loc`` and ``scale`` keep their autograd graph (hierarchical
-    priors and latent noise scales work).
+    priors and latent noise scales work). ``traced``: tensor arithmetic only, no host reads of
+    ``loc`` or ``scale`` (for :func:`torch.fx.experimental.proxy_tensor.make_fx`).
     """
     base = fn
     while isinstance(base, Independent):
@@ -186,9 +191,12 @@ def _iid_normal_log_prob_sum(fn: Any, value: Tensor, factor: float = 1.0) -> Ten
         diff = flat - loc.reshape(-1)
     else:  # one value broadcast
         loc0 = loc.reshape(-1)[0]
-        diff = flat if (not loc0.requires_grad and float(loc0) == 0.0) else flat - loc0
+        zero = not traced and not loc0.requires_grad and float(loc0) == 0.0
+        diff = flat if zero else flat - loc0
     ss = torch.dot(diff, diff)
-    if not scale0.requires_grad:  # a constant: the scalar arithmetic in Python floats
+    if (
+        not scale0.requires_grad and not traced
+    ):  # a constant: the scalar arithmetic in Python floats
         s0 = float(scale0)
         return ss * (-0.5 * factor / s0**2) + factor * -n * (math.log(s0) + _HALF_LOG_2PI)
     out = -0.5 * ss / scale0.square() - n * (scale0.log() + _HALF_LOG_2PI)
@@ -675,16 +683,7 @@ class MinibatchPotential:
         if indices is None:
             indices = {name: torch.arange(b) for name, (_, b) in sorted(self.plates.items())}
         leaves = {k: v.detach().requires_grad_() for k, v in z.items()}
-        values: dict[str, Tensor] = {}
-        logdet: Tensor | float = 0.0
-        for k, v in leaves.items():
-            if k in self._identity:
-                values[k] = v
-            else:
-                t = self.transforms[k]
-                x = t(v)
-                values[k] = x
-                logdet = logdet + t.log_abs_det_jacobian(v, x).sum()
+        values, logdet = self._constrained(leaves)
         sites = self._module_sites
         joint = _LogJoint(values, indices, sites)
         live = hooks is not None and hooks.sync()
@@ -745,6 +744,72 @@ class MinibatchPotential:
             else:
                 out[name] = torch.add(out[name], d, alpha=inv_var)
         return value, out
+
+    def _constrained(self, z: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | float]:
+        """Return the constrained values of ``z`` and the sum of their log-det-Jacobians."""
+        values: dict[str, Tensor] = {}
+        logdet: Tensor | float = 0.0
+        for k, v in z.items():
+            if k in self._identity:
+                values[k] = v
+            else:
+                t = self.transforms[k]
+                x = values[k] = t(v)
+                logdet = logdet + t.log_abs_det_jacobian(v, x).sum()
+        return values, logdet
+
+    def log_joint(
+        self,
+        z: Mapping[str, Tensor],
+        indices: Mapping[str, Tensor],
+        args: tuple[Any, ...] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Tensor:
+        """Return the mini-batch log joint at ``z`` as a tensor, with its autograd graph.
+
+        The same quantity as :meth:`__call__`'s ``lp`` (log-det-Jacobians and the closed-form
+        priors of the cache sites included), computed with tensor operations only: no host
+        reads and no gradient call, so :func:`torch.func.grad_and_value` and ``make_fx`` can
+        trace it (:mod:`pyro_bnp.compiled`). ``args`` and ``kwargs`` replace the model's data
+        (a tracer passes its graph inputs). Layer hooks are not fed.
+
+        Raises
+        ------
+        RuntimeError
+            If a cache site reached ``pyro.sample`` (the module cache did not answer as at
+            set-up), or the log density does not depend on the latent sites.
+        """
+        args = self.args if args is None else tuple(args)
+        kwargs = self.kwargs if kwargs is None else dict(kwargs)
+        values, total = self._constrained(z)
+        sites = self._module_sites
+        joint = _LogJoint(values, indices, sites, traced=True)
+        if sites:
+            ctx: Any = getattr(self.model, "_pyro_context")  # noqa: B009 (typed as Callable)
+            with ctx:
+                for name, site in sites.items():
+                    ctx.cache[site.fullname] = values[name]
+                with joint:
+                    self.model(*args, **kwargs)
+            if joint.bypassed is not None:
+                raise RuntimeError(
+                    f"site {joint.bypassed!r} did not come from the PyroModule cache as at set-up"
+                )
+            for name, site in sites.items():
+                if site.iid is None:
+                    total = total + site.prior.log_prob(values[name]).sum()
+                    continue
+                loc, inv_var, const = site.iid
+                d = values[name].reshape(-1)
+                d = d if loc == 0.0 else d - loc
+                total = total + (const - 0.5 * inv_var * torch.dot(d, d))
+        else:
+            with joint:
+                self.model(*args, **kwargs)
+        total = joint.total + total
+        if not isinstance(total, Tensor):
+            raise RuntimeError("the model's log density does not depend on its latent sites")
+        return total
 
     def _run_model(self, joint: _LogJoint, hooks: LayerHooks | None) -> None:
         if hooks is not None:

@@ -132,6 +132,9 @@ class SGHMC(SGMCMC):
             }
         return m if m is not None else {n: torch.zeros_like(v) for n, v in chain.z.items()}
 
+    def _integrator(self) -> str:
+        return "sghmc"
+
     def _update(self, chain: ChainState) -> bool:
         """One SGHMC update of ``chain`` (in place); False if the proposal was rejected."""
         h = chain.eps = self._step_size_at(chain.t)

@@ -1,0 +1,251 @@
+"""The compiled update (``compile=``, pyro_bnp.compiled): the same chain, the same guards.
+
+``compile="trace"`` runs the traced aten graph as it is (no inductor: fast to build), so most
+tests use it; the inductor tests compile once per graph and are few (the rest are marked slow).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from bnp_models import LinearRegression
+from pyro.infer import MCMC
+from sgld_models import badly_scaled_features, conjugate_linreg, gaussian_target, linreg
+from test_exact_posteriors import _check_variance_law, _conjugate_check, _stack
+
+from pyro_bnp import SGHMC, SGLD, RMSprop
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _draws(kernel, *args, num_samples=200, warmup_steps=0, seed=1):
+    pyro.set_rng_seed(seed)
+    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=True)
+    mcmc.run(*args)
+    return mcmc.get_samples(), kernel
+
+
+def _max_rel(a, b):
+    return max(float((a[k] - b[k]).abs().max()) / (float(b[k].abs().max()) + 1e-12) for k in b)
+
+
+def _data(dtype=torch.float32):
+    x, y = badly_scaled_features(400, scales=[0.7, 1.0, 1.4], means=[0.5, -0.5, 0.3])
+    return x.to(dtype), y.to(dtype)
+
+
+def _kernel(cls, pre, compile, **kw):
+    kw.setdefault("subsample_size", {"data": 40})
+    step = 1e-4 if cls is SGLD else 1e-2
+    extra = {"friction": 5.0} if cls is SGHMC else {}
+    return cls(linreg, step, preconditioner=pre, compile=compile, **extra, **kw)
+
+
+@pytest.mark.parametrize("cls", [SGLD, SGHMC], ids=["sgld", "sghmc"])
+@pytest.mark.parametrize("pre", ["identity", "rmsprop"])
+def test_traced_chain_equals_eager_chain(cls, pre):
+    """1000 updates under one seed: the traced graph follows the eager chain within rounding."""
+    x, y = _data()
+    eager, _ = _draws(_kernel(cls, pre, False), x, y, num_samples=1000)
+    traced, kernel = _draws(_kernel(cls, pre, "trace"), x, y, num_samples=1000)
+    assert kernel._compiled is not None and kernel._compiled.verified
+    # float32 rounding of the same equation written in another order
+    assert _max_rel(traced, eager) < 1e-4, _max_rel(traced, eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_device_checks_equal_host_checks(dtype):
+    """Selecting on the device (the GPU mode) gives the host mode's chain bit for bit."""
+    x, y = _data(dtype)
+    out = {}
+    for checks in ("host", "device"):
+        k = _kernel(SGLD, "rmsprop", "trace", compile_options={"checks": checks}, thin=3)
+        out[checks], kernel = _draws(k, x, y, num_samples=100)
+        assert kernel._compiled.host_checks == (checks == "host")
+        assert all(v.dtype == dtype for v in out[checks].values())
+    for k in out["host"]:
+        assert torch.equal(out["host"][k], out["device"][k]), k
+
+
+def test_inductor_chain_equals_eager_chain():
+    """The inductor-compiled update: same chain within float32 rounding over 1000 updates."""
+    x, y = _data()
+    eager, _ = _draws(_kernel(SGLD, "rmsprop", False), x, y, num_samples=1000)
+    compiled, kernel = _draws(_kernel(SGLD, "rmsprop", True), x, y, num_samples=1000)
+    assert kernel._compiled is not None and kernel._compiled.verified
+    assert kernel._compiled.compile_seconds > 0
+    assert _max_rel(compiled, eager) < 1e-4, _max_rel(compiled, eager)
+
+
+def test_graph_is_reused_across_chains():
+    x, y = _data()
+    kernel = _kernel(SGLD, "identity", "trace")
+    pyro.set_rng_seed(0)
+    for _ in range(2):  # Pyro's sequential chains set the one kernel up again
+        MCMC(kernel, num_samples=20, warmup_steps=5, disable_progbar=True).run(x, y)
+        assert kernel._compiled is not None
+    assert len(kernel._graphs) == 1
+
+
+# -- rejections and explosions ---------------------------------------------------------------
+def _cliff(c: float = 0.5):
+    """N(0, 1) with the region x > c cut off: a proposal there has log density -inf."""
+    x = pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    pyro.factor("cliff", torch.where(x.max() > c, -math.inf, 0.0))
+
+
+@pytest.mark.parametrize("checks", ["host", "device"])
+def test_rejections_match_the_eager_kernel(checks):
+    """No plate, so no index stream: rejected updates keep the random streams aligned."""
+    runs = {}
+    for comp in (False, "trace"):
+        options = {"checks": checks} if comp else None
+        k = SGLD(_cliff, 0.3, preconditioner="identity", compile=comp, thin=2,
+                 compile_options=options, max_rejections=50)  # fmt: skip
+        samples, kernel = _draws(k, num_samples=300)
+        runs[comp] = samples, kernel.diagnostics()
+    (se, de), (sc, dc) = runs[False], runs["trace"]
+    assert sum(de["diverging"]) > 20  # the test has power: many rejected updates
+    assert dc["diverging"] == de["diverging"]
+    assert torch.allclose(sc["x"], se["x"], rtol=1e-5, atol=1e-6)
+    assert torch.all(sc["x"] <= 0.5)
+
+
+@pytest.mark.parametrize("checks", ["host", "device"])
+def test_max_rejections_raises_and_keeps_the_chain(checks):
+    k = SGLD(_cliff, 50.0, preconditioner="identity", compile="trace", max_rejections=5,
+             compile_options={"checks": checks})  # fmt: skip
+    k.initial_params = {"x": torch.full((3,), -0.1)}
+    pyro.set_rng_seed(0)
+    with pytest.raises(RuntimeError, match="5 updates in a row"):
+        MCMC(k, num_samples=50, disable_progbar=True).run()
+    assert torch.isfinite(k.chain.z["x"]).all() and k.chain.z["x"].max() <= 0.5
+    assert math.isfinite(k.chain.lp)
+
+
+@pytest.mark.parametrize("checks", ["host", "device"])
+def test_explosion_is_named_and_the_chain_kept(checks):
+    # eps / (2 sigma^2) = 2.5: the chain grows by a factor 1.5 per update, finite all along
+    k = SGLD(gaussian_target, 5.0, preconditioner="identity", compile="trace",
+             max_abs_param=1e3, thin=5, compile_options={"checks": checks})  # fmt: skip
+    pyro.set_rng_seed(0)
+    with pytest.raises(RuntimeError, match=r"exploding: update \d+ moved a parameter.*e\.g\."):
+        MCMC(k, num_samples=50, disable_progbar=True).run(torch.zeros(3), 1.0)
+    assert max(float(v.abs().max()) for v in k.chain.z.values()) <= 1e3
+
+
+# -- fallbacks -------------------------------------------------------------------------------
+def test_pyromodule_cache_path_traced_equals_eager():
+    """PyroSample weights through the module cache, closed-form priors in the graph."""
+    x, y = (t.double() for t in _data())
+    runs = []
+    for comp in (False, "trace"):
+        k = SGLD(LinearRegression(3), 1e-4, preconditioner="identity", compile=comp,
+                 subsample_size={"data": 40})  # fmt: skip
+        samples, kernel = _draws(k, x, y, num_samples=500)
+        assert kernel.potential.fast_sites == {"linear.weight", "linear.bias"}
+        runs.append(samples)
+    assert _max_rel(runs[1], runs[0]) < 1e-10
+
+
+def test_bnp_falls_back_with_a_warning_under_true_and_silently_under_auto():
+    x, y = torch.randn(64, 3, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="'bnp'.*no compiled form"):
+        _, k = _draws(SGLD(LinearRegression(3), 1e-4, compile=True), x, y, num_samples=5)
+    assert k._compiled is None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="compile:")
+        eager, _ = _draws(SGLD(LinearRegression(3), 1e-4), x, y, num_samples=5)
+        auto, _ = _draws(SGLD(LinearRegression(3), 1e-4, compile="auto"), x, y, num_samples=5)
+    for name in eager:
+        assert torch.equal(auto[name], eager[name])
+
+
+def _reads_a_float(x, y):
+    w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    s = 1.0 + 0.0 * float(w.detach().sum())  # a host read: cannot be traced
+    with pyro.plate("data", x.shape[0]) as idx:
+        pyro.sample("y", dist.Normal(x[idx] @ w, s), obs=y[idx])
+
+
+def test_untraceable_model_warns_once_and_stays_eager():
+    x, y = _data()
+    opts = {"subsample_size": {"data": 40}, "preconditioner": "identity"}
+    eager, _ = _draws(SGLD(_reads_a_float, 1e-4, **opts), x, y)
+    with pytest.warns(RuntimeWarning, match="tracing the update with make_fx failed"):
+        out, k = _draws(SGLD(_reads_a_float, 1e-4, compile="auto", **opts), x, y)
+    assert k._compiled is None
+    assert torch.equal(out["w"], eager["w"])  # nothing was lost: the eager chain exactly
+
+
+def test_bad_compile_arguments_are_named():
+    with pytest.raises(ValueError, match="compile must be False, True, 'auto' or 'trace'"):
+        SGLD(linreg, compile="yes")
+    with pytest.raises(ValueError, match="compile_options must be a dict"):
+        SGLD(linreg, compile=True, compile_options=["max_autotune"])
+    k = SGLD(linreg, compile="trace", compile_options={"checks": "gpu"}, preconditioner="identity")
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"compile_options\['checks'\]"):
+        _draws(k, x, y, num_samples=2)
+
+
+def test_resume_from_state_dict_continues_the_compiled_chain():
+    x, y = _data()
+    full, _ = _draws(_kernel(SGLD, "rmsprop", "trace"), x, y, num_samples=60)
+    k = _kernel(SGLD, "rmsprop", "trace")
+    first, _ = _draws(k, x, y, num_samples=30)
+    state = k.state_dict()
+    k2 = _kernel(SGLD, "rmsprop", "trace")
+    k2.load_state_dict(state)
+    rest, _ = _draws(k2, x, y, num_samples=30, seed=123)  # another global seed: no effect
+    for name in full:
+        assert torch.allclose(torch.cat([first[name], rest[name]]), full[name], rtol=1e-6)
+
+
+# -- exact posteriors on the compiled path ---------------------------------------------------
+def test_gaussian_law_identity_compiled(seed):
+    d, sigma, eps = 100, 1.5, 4.5  # eps / (4 sigma^2) = 0.5: the variance doubles
+    loc = torch.linspace(-3, 3, d, dtype=torch.float64)
+    kernel = SGLD(gaussian_target, step_size=eps, preconditioner="identity", compile=True)
+    pyro.set_rng_seed(seed)
+    mcmc = MCMC(kernel, num_samples=3000, warmup_steps=200, disable_progbar=True)
+    mcmc.run(loc, sigma)
+    assert kernel._compiled is not None
+    draws = mcmc.get_samples(group_by_chain=True)["theta"]
+    predicted = torch.full((d,), sigma**2 / (1 - eps / (4 * sigma**2)), dtype=torch.float64)
+    _check_variance_law(draws, predicted, torch.full((d,), sigma**2, dtype=torch.float64))
+
+
+@pytest.mark.slow
+def test_conjugate_regression_rmsprop_compiled(seed):
+    n, batch, prior, noise, eps = 2000, 100, 10.0, 1.0, 5e-6
+    x, y = badly_scaled_features(n, scales=[0.7, 1.0, 1.4], means=[0.5, -0.5, 0.3])
+    pre = RMSprop(freeze_after_warmup=True)
+    kernel = SGLD(conjugate_linreg, eps, subsample_size={"data": batch}, preconditioner=pre,
+                  compile=True)  # fmt: skip
+    pyro.set_rng_seed(seed)
+    mcmc = MCMC(kernel, num_samples=15000, warmup_steps=3000, disable_progbar=True)
+    mcmc.run(x, y, prior, noise)
+    assert kernel._compiled is not None
+    g = pre.diagonal()
+    m = torch.diag(torch.cat([g["b"].reshape(1), g["w"]]).double())
+    _conjugate_check(_stack(mcmc.get_samples(group_by_chain=True)), x, y, prior, noise, eps,
+                     batch, m=m)  # fmt: skip
+
+
+# -- CUDA ------------------------------------------------------------------------------------
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("comp", [False, True])
+def test_runs_on_cuda(comp):
+    x, y = (t.cuda() for t in _data())
+    samples, kernel = _draws(_kernel(SGLD, "rmsprop", comp), x, y, num_samples=50)
+    assert all(v.device.type == "cuda" for v in kernel.chain.z.values())
+    assert all(torch.isfinite(v).all() for v in samples.values())
+    if comp:
+        assert kernel._compiled is not None and not kernel._compiled.host_checks
