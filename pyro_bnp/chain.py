@@ -147,8 +147,15 @@ class ChainState:
 
     @classmethod
     def new(cls, z: Mapping[str, Tensor], seed: int) -> ChainState:
-        """Return a fresh chain at ``z`` with a generator seeded by ``seed``."""
-        return cls(z=dict(z), rng_seed=int(seed), rng=torch.Generator().manual_seed(int(seed)))
+        """Return a fresh chain at ``z`` with a generator seeded by ``seed``.
+
+        The generator lives on the device of ``z`` (a CUDA generator for parameters on a GPU:
+        ``torch.randn`` refuses a CPU generator for a CUDA tensor), so the noise and the
+        mini-batch permutations are drawn where the parameters are.
+        """
+        device = next(iter(z.values())).device if z else torch.device("cpu")
+        rng = torch.Generator(device=device).manual_seed(int(seed))
+        return cls(z=dict(z), rng_seed=int(seed), rng=rng)
 
     def accept(
         self, z: dict[str, Tensor], lp: float, grads: dict[str, Tensor], gnorm: float
@@ -194,6 +201,7 @@ class ChainState:
             "rejected_in_row": self.rejected_in_row,
             "rng_seed": self.rng_seed,
             "rng_state": self.rng.get_state(),
+            "rng_device": str(self.rng.device),
             "perms": {k: v.clone() for k, v in self.perms.items()},
             "pos": dict(self.pos),
             "preconditioner": preconditioner,
@@ -217,7 +225,7 @@ class ChainState:
                 f"load_state_dict: the saved chain has sites {state['sites']}, this model has "
                 f"{expected}"
             )
-        rng = torch.Generator()
+        rng = torch.Generator(device=state.get("rng_device", "cpu"))
         rng.set_state(state["rng_state"])
         return cls(
             z={k: v.clone().to(like[k].dtype) for k, v in state["z"].items()},
@@ -240,10 +248,11 @@ class ChainState:
     def __getstate__(self) -> dict[str, Any]:
         out = self.__dict__.copy()
         out["rng"] = self.rng.get_state()
+        out["rng_device"] = str(self.rng.device)
         return out
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        rng = torch.Generator()
+        rng = torch.Generator(device=state.pop("rng_device", "cpu"))
         rng.set_state(state["rng"])
         self.__dict__.update({**state, "rng": rng})
 

@@ -217,9 +217,8 @@ class CompiledUpdate:
         self._coef_cache: tuple[float, Tensor] | None = None
         self.verified = False
         self.trace_seconds = math.nan
-        self.compile_seconds = math.nan  # the first call (inductor compiles lazily)
+        self.compile_seconds = math.nan  # inductor's compilation of the traced graph
         self._fn: Callable[..., Any] | None = None
-        self._first_call = True
         self._graphs: dict[Any, Any] = {}
         self._key: tuple[Any, ...] = ()
 
@@ -250,8 +249,6 @@ class CompiledUpdate:
         """Use (and fill) ``graphs``, a cache of traced updates by :meth:`key`."""
         self._graphs, self._key = graphs, self.key()
         self._fn = graphs.get(self._key)
-        if self._fn is not None:
-            self._first_call = False
 
     # ------------------------------------------------------------------ the graph
     def _body(self, *flat: Tensor) -> tuple[Tensor, ...]:
@@ -348,7 +345,10 @@ class CompiledUpdate:
             warnings.simplefilter("ignore", DeprecationWarning)
             import torch._inductor  # noqa: PLC0415 (seconds to import: only when compiling)
 
-            return torch._inductor.compile(gm, list(example), options=self.options or None)
+            t1 = time.perf_counter()
+            out = torch._inductor.compile(gm, list(example), options=self.options or None)
+        self.compile_seconds = time.perf_counter() - t1
+        return out
 
     # ------------------------------------------------------------------ the loop
     def _coef(self, eps: float) -> Tensor:
@@ -432,11 +432,7 @@ class CompiledUpdate:
                     chain.perms, chain.pos = undo[1], undo[2]
                     kernel.preconditioner.load_state_dict(undo[3])
                     raise
-            start = time.perf_counter()
             out = self._fn(*inputs)
-            if self._first_call:
-                self._first_call = False
-                self.compile_seconds = time.perf_counter() - start
             k = len(names)
             z, g = list(out[:k]), list(out[k : 2 * k])
             rest = list(out[2 * k :])

@@ -718,6 +718,17 @@ class SGLD(SGMCMC):
         density that falls far below its best, broken preconditioner state), run every
         ``health.every`` draws; each finding warns once, naming the site, and is recorded in
         ``diagnostics()["health"]``. None switches them off.
+    compile : bool or str
+        ``False`` (default): the eager update. ``True``: one compiled graph per update
+        (:mod:`pyro_bnp.compiled`: ``make_fx`` of the whole update over the unchanged model, then
+        inductor), with the eager update as fallback and a warning (once) that says why.
+        ``"auto"``: the same, but silent where the preconditioner has no compiled form yet (BNP);
+        ``"trace"``: the traced graph without inductor (for debugging). Compiled:
+        ``"identity"`` and ``"rmsprop"``. The chain is the eager one within float rounding
+        (docs/usage.md, "Compiled updates").
+    compile_options : dict, optional
+        Inductor options (``torch._inductor.config``) and ``"checks"``: ``"host"``, ``"device"``
+        or ``"auto"`` (where the guards are read; :class:`pyro_bnp.compiled.CompiledUpdate`).
 
     Notes
     -----

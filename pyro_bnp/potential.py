@@ -649,7 +649,8 @@ class MinibatchPotential:
             size, b = self.plates[name]
             at = pos.get(name, size)
             if at + b > size:
-                perms[name] = torch.randperm(size, generator=generator)
+                device = None if generator is None else generator.device
+                perms[name] = torch.randperm(size, generator=generator, device=device)
                 at = 0
             out[name] = perms[name][at : at + b]
             pos[name] = at + b

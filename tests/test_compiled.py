@@ -249,3 +249,24 @@ def test_runs_on_cuda(comp):
     assert all(torch.isfinite(v).all() for v in samples.values())
     if comp:
         assert kernel._compiled is not None and not kernel._compiled.host_checks
+
+
+@pytest.mark.slow
+def test_bench_compiled_quick_runs(tmp_path):
+    """``benchmarks/bench_compiled.py --quick`` runs and writes finite timings."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "compiled.json"
+    proc = subprocess.run(
+        [sys.executable, "bench_compiled.py", "--quick", "--cases", "mlp-10-50-1",
+         "--out", str(out)],
+        cwd=root / "benchmarks", capture_output=True, text=True, timeout=1800, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    case = json.loads(out.read_text())["cases"][0]
+    assert all(t["median_us"] > 0 for t in case["timings"].values())
+    assert {"identity compiled", "rmsprop compiled", "hand"} <= set(case["timings"])

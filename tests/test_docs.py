@@ -37,6 +37,7 @@ API_MODULES = [
     "arviz",
     "bnp",
     "chain",
+    "compiled",
     "diagnostics",
     "distributed",
     "integrators",

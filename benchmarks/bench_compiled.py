@@ -1,0 +1,185 @@
+"""Benchmark: the compiled update (``compile=True``) against the eager one and a hand-written step.
+
+Per network (bench_step's 10-50-1 tanh MLP with a Gaussian likelihood, 784-400-400-10 ReLU MLP
+and the small CNN, categorical; batch 128), interleaved round-robin in one loop (see
+:mod:`common`), one update per call (``thin=1``):
+
+* ``hand``: bench_step's hand-written eager torch SGLD step (``common.HandSGLD``);
+* ``<pre> eager`` and ``<pre> compiled``: ``pyro_bnp.SGLD.sample`` with ``compile=False`` and
+  ``compile=True`` for ``pre`` in identity, rmsprop; ``sghmc identity compiled`` likewise;
+* ``bnp eager``: BNP for reference (it has no compiled form yet).
+
+Compile time is reported separately: tracing (``make_fx``) and inductor's compilation, with
+whatever inductor cache the machine has (``TORCHINDUCTOR_CACHE_DIR`` to control it). On a
+machine with CUDA the same contenders also run on the GPU (``--device cuda``).
+
+Run ``python benchmarks/bench_compiled.py [--quick] [--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from bench_step import BATCH, SIZES, STEP_SIZES, make_case
+from common import (
+    BayesNet,
+    HandSGLD,
+    bench_parser,
+    fmt_us,
+    interleaved,
+    machine_info,
+    paired_ratio,
+    ratio,
+    report,
+    set_threads,
+    site_values,
+    strip_rounds,
+)
+
+import pyro_bnp
+
+CONTENDERS = (
+    ("identity", False, "sgld"),
+    ("identity", True, "sgld"),
+    ("rmsprop", False, "sgld"),
+    ("rmsprop", True, "sgld"),
+    ("identity", True, "sghmc"),
+    ("bnp", False, "sgld"),
+)
+# targets of issue 16 (compiled identity / hand) per network
+TARGETS = {"mlp-10-50-1": 0.5, "mlp-784-400-400-10": 0.9}
+
+
+def label(pre: str, compiled: bool, sampler: str) -> str:
+    """Return a contender's name, e.g. ``"rmsprop compiled"``."""
+    return ("sghmc " if sampler == "sghmc" else "") + f"{pre} {'compiled' if compiled else 'eager'}"
+
+
+def kernel_step(
+    case: dict[str, Any], pre: str, compiled: bool, sampler: str, eps: float, device: str
+) -> tuple[Callable[[], None], Any, dict[str, float]]:
+    """Return ``step()`` (one ``sample`` call), the kernel and its compile times (s)."""
+    model = BayesNet(case["net"], case["likelihood"], sigma=0.1).to(device)
+    opts: dict[str, Any] = {"subsample_size": {"data": BATCH}, "preconditioner": pre}
+    if sampler == "sghmc":
+        h = math.sqrt(eps * (2.0 - 0.1) / 2.0)
+        kernel: Any = pyro_bnp.SGHMC(model, h, friction=0.1 / h, compile=compiled, **opts)
+    else:
+        kernel = pyro_bnp.SGLD(model, eps, compile=compiled, **opts)
+    kernel.initial_params = {k: v.to(device) for k, v in site_values(case["net"]).items()}
+    torch.manual_seed(0)
+    kernel.setup(0, case["x"].to(device), case["y"].to(device))
+    state = {"z": kernel.initial_params}
+
+    def step() -> None:
+        state["z"] = kernel.sample(state["z"])
+
+    start = time.perf_counter()
+    step()  # the first draw: traces and compiles
+    times = {"first_draw_s": time.perf_counter() - start}
+    comp = kernel._compiled
+    if compiled:
+        if comp is None:
+            raise RuntimeError(f"{label(pre, compiled, sampler)}: the kernel fell back to eager")
+        times.update(trace_s=comp.trace_seconds, inductor_s=comp.compile_seconds)
+    return step, kernel, times
+
+
+def bench_case(name: str, *, quick: bool, budget_s: float, device: str) -> dict[str, Any]:
+    """Time every contender on one network."""
+    case = make_case(name, 1_000 if quick else SIZES[name])
+    eps = STEP_SIZES[name]
+    contenders: dict[str, Callable[[], Any]] = {}
+    if device == "cpu":
+        hand = HandSGLD(
+            copy.deepcopy(case["net"]), case["x"], case["y"], BATCH, eps, case["likelihood"]
+        )
+        contenders["hand"] = hand.step
+    compile_times, kernels = {}, {}
+    for pre, compiled, sampler in CONTENDERS:
+        key = label(pre, compiled, sampler)
+        contenders[key], kernels[key], compile_times[key] = kernel_step(
+            case, pre, compiled, sampler, eps, device
+        )
+    timings = interleaved(
+        contenders,
+        warmup=2 if quick else 30,
+        budget_s=budget_s,
+        block_s=0.002 if quick else 0.02,
+        min_rounds=3 if quick else 5,
+    )
+    for k in kernels.values():
+        k.cleanup()
+    base = "hand" if "hand" in timings else "identity eager"
+    return {
+        "case": name,
+        "device": device,
+        "step_size": eps,
+        "timings": strip_rounds(timings),
+        "compile_times": compile_times,
+        "baseline": base,
+        "ratio": {c: ratio(timings, c, base) for c in timings},
+        "paired_ratio": {c: paired_ratio(timings, c, base) for c in timings},
+        "compiled_over_eager": {
+            pre: paired_ratio(timings, f"{pre} compiled", f"{pre} eager")
+            for pre in ("identity", "rmsprop")
+        },
+        "divergences": {k: len(v.diagnostics()["divergences"]) for k, v in kernels.items()},
+    }
+
+
+def summary_rows(result: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per contender and network, and the compiled/eager ratios."""
+    rows = []
+    for c in result["cases"]:
+        base, target = c["baseline"], TARGETS.get(c["case"])
+        for name, t in c["timings"].items():
+            value = fmt_us(t["median_us"])
+            if name != base:
+                value += f"  ({c['ratio'][name]:.2f}x {base}, paired {c['paired_ratio'][name]:.2f})"
+            tgt = st = ""
+            if name == "identity compiled" and target is not None and base == "hand":
+                tgt = f"<= {target:.1f}x hand"
+                st = "ok" if c["ratio"][name] <= target else "MISSED"
+            ct = c["compile_times"].get(name, {})
+            if "trace_s" in ct:
+                value += f"  [trace {ct['trace_s']:.1f} s, inductor {ct['inductor_s']:.1f} s]"
+            rows.append({"case": f"{c['device']} {c['case']} {name}", "value": value,
+                         "target": tgt, "status": st})  # fmt: skip
+        for pre, r in c["compiled_over_eager"].items():
+            rows.append({"case": f"{c['device']} {c['case']} {pre} compiled/eager",
+                         "value": f"{r:.3f}x (paired)"})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    """Parse the options, run, print the table and write the JSON."""
+    parser = bench_parser(__doc__, "compiled")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--cases", default="mlp-10-50-1,mlp-784-400-400-10,cnn-3x32x32")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    budget = 0.3 if args.quick else 30.0
+    cases = [
+        bench_case(n, quick=args.quick, budget_s=budget, device=args.device)
+        for n in args.cases.split(",")
+    ]
+    result = {
+        "benchmark": "compiled",
+        "description": "per-update cost of SGLD/SGHMC.sample with compile=True vs eager",
+        "quick": args.quick,
+        "machine": machine_info(),
+        "torch": torch.__version__,
+        "cases": cases,
+    }
+    result["summary"] = summary_rows(result)
+    report(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
