@@ -1,7 +1,7 @@
 """Choose SGLD's step size by kernel Stein discrepancy on the diabetes data; check it by NUTS.
 
-Run with ``python examples/diabetes_tuning.py --out diabetes_out`` (measured: 38 minutes
-on 2 loaded cores, NUTS 23 of them; ``--quick`` for a test-speed run of under a minute). It
+Run with ``python examples/diabetes_tuning.py --out diabetes_out`` (docs/step_size.md gives
+the measured time; ``--quick`` for a test-speed run of under a minute). It
 
 1. loads ``sklearn.datasets.load_diabetes`` (N = 442, d = 10), standardises x and y, and
    defines the Bayesian linear regression ``w ~ N(0, 1)^d``, ``b ~ N(0, 1)``,
@@ -10,9 +10,11 @@ on 2 loaded cores, NUTS 23 of them; ``--quick`` for a test-speed run of under a 
    number of draws the tuner uses (the floor an exact sampler reaches),
 3. runs :func:`pyro_bnp.tuning.tune_step_size` for SGLD with the preconditioners ``identity``,
    ``rmsprop`` and ``bnp+rmsprop`` (mini-batches of 32) over the default log-spaced grid,
-   recording the largest ``sigma`` of every run,
-4. runs each at its chosen step size, and at the next smaller one of the grid, for longer and
-   compares it with NUTS site by site:
+   recording the largest ``sigma`` of every run; the tuner scores by the KSD on standardised
+   coordinates (its default) and records the unscaled KSD too,
+4. runs each at its chosen step size, and at the step size the unscaled KSD would have chosen
+   (the tuner's earlier rule) where that differs, for longer and compares it with NUTS site
+   by site:
    ``|mean - NUTS mean| / NUTS sd`` and ``sd / NUTS sd``, against the criterion "within 0.5 sd in
    mean and a factor 1.5 in sd",
 5. writes ``OUT/results.json`` and ``OUT/diabetes_tuning.png``.
@@ -157,16 +159,20 @@ def long_run(
     out: dict[str, Any] = {"seconds": time.perf_counter() - start}
     out["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     out["ksd"] = stein_discrepancy(mcmc, model, (x, y), max_draws=ksd_draws)
+    out["ksd_standardized"] = stein_discrepancy(
+        mcmc, model, (x, y), max_draws=ksd_draws, standardize=True
+    )
     out["sites"] = compare(columns(mcmc.get_samples()), ref)
     out["within_criterion"] = within(out["sites"])
     return out
 
 
-def report(run: dict[str, Any], step_size: float, ksd_draws: int, nuts_ksd: float) -> None:
+def report(run: dict[str, Any], step_size: float, ksd_draws: int, nuts: dict[str, Any]) -> None:
     """Print a long run's KSD and its site-by-site comparison with NUTS."""
     print(
         f"long run at {step_size:.3g}: {run['seconds']:.1f} s, KSD at {ksd_draws} "
-        f"draws {run['ksd']:.4g} (NUTS {nuts_ksd:.4g})"
+        f"draws {run['ksd']:.4g} (NUTS {nuts['ksd']:.4g}), standardised "
+        f"{run['ksd_standardized']:.4g} (NUTS {nuts['ksd_standardized']:.4g})"
     )
     print(f"{'site':>8} {'|dmean|/sd':>11} {'sd ratio':>9}")
     for r in run["sites"]:
@@ -176,27 +182,44 @@ def report(run: dict[str, Any], step_size: float, ksd_draws: int, nuts_ksd: floa
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax = axes[0]
-    top = 1.0
-    for i, name in enumerate(METHODS):
-        rows = results["methods"][name]["tuning"]
-        ok = [(r["step_size"], r["ksd"]) for r in rows if r["ksd"] is not None]
-        top = max([top] + [k for _, k in ok])
-        if ok:
-            style = "--" if name == "bnp+rmsprop" else "-"
-            ax.plot(
-                *zip(*ok, strict=True), style, marker="o", ms=4, label=LABELS[name], color=f"C{i}"
-            )
-    for i, name in enumerate(METHODS):
-        rows = results["methods"][name]["tuning"]
-        bad = [r["step_size"] for r in rows if r["ksd"] is None]
-        if bad:
-            ax.plot(bad, [top * 2] * len(bad), "x", color=f"C{i}")
-    ax.axhline(results["nuts"]["ksd"], color="k", ls=":", label="NUTS (same n)")
-    ax.set(xscale="log", yscale="log", xlabel="step size", ylabel="KSD (x: failed / divergent)")
-    ax.set_title(f"KSD of short runs ({results['settings']['tune']['ksd_draws']} draws)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    n = results["settings"]["tune"]["ksd_draws"]
+    for ax, key, nuts_key, title in (
+        (axes[0], "ksd", "ksd_standardized", f"standardised KSD, the score ({n} draws)"),
+        (axes[1], "ksd_unscaled", "ksd", f"unscaled KSD, the earlier score ({n} draws)"),
+    ):
+        top = 1.0
+        for i, name in enumerate(METHODS):
+            rows = results["methods"][name]["tuning"]
+            ok = [(r["step_size"], r[key]) for r in rows if r[key] is not None]
+            top = max([top] + [k for _, k in ok])
+            if ok:
+                style = "--" if name == "bnp+rmsprop" else "-"
+                ax.plot(*zip(*ok, strict=True), style, marker="o", ms=4, label=LABELS[name],
+                        color=f"C{i}")  # fmt: skip
+            pick = results["methods"][name]["step_size"] if key == "ksd" else None
+            if key != "ksd":
+                pick = results["methods"][name].get("unscaled_pick", {}).get("step_size")
+            if pick is not None:
+                value = [k for e, k in ok if e == pick]
+                if value:
+                    ax.plot([pick], value, "*", ms=14, color=f"C{i}", mfc="none")
+        low = min([results["nuts"][nuts_key]] + [
+            r[key] for m in METHODS for r in results["methods"][m]["tuning"] if r[key] is not None
+        ])  # fmt: skip
+        top = min(top * 2, low * 1e3)  # the runaway runs (KSD up to 1e27) leave the plot
+        for i, name in enumerate(METHODS):
+            rows = results["methods"][name]["tuning"]
+            bad = [r["step_size"] for r in rows if r[key] is None]
+            if bad:
+                ax.plot(bad, [top] * len(bad), "x", color=f"C{i}")
+        ax.set_ylim(low / 2, top * 1.5)
+        ax.axhline(results["nuts"][nuts_key], color="k", ls=":", label="NUTS (same n)")
+        ax.set(xscale="log", yscale="log", xlabel="step size",
+               ylabel="KSD (x: failed / divergent, *: pick)")  # fmt: skip
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    axes = axes[1:]
     sites = [r["site"] for r in results["methods"][METHODS[0]]["sites"]]
     width = 0.8 / len(METHODS)
     for i, name in enumerate(METHODS):
@@ -256,10 +279,16 @@ def main() -> None:
     results["nuts"] = {
         "seconds": nuts_seconds,
         "ksd": nuts_ksd,
+        "ksd_standardized": stein_discrepancy(
+            nuts, model, (x, y), max_draws=ksd_draws, standardize=True
+        ),
         "mean": {k: float(v.mean()) for k, v in ref.items()},
         "sd": {k: float(v.std()) for k, v in ref.items()},
     }
-    print(f"NUTS: {nuts_seconds:.1f} s, KSD at {ksd_draws} draws {nuts_ksd:.4g}")
+    print(
+        f"NUTS: {nuts_seconds:.1f} s, KSD at {ksd_draws} draws {nuts_ksd:.4g}, standardised "
+        f"{results['nuts']['ksd_standardized']:.4g}"
+    )
 
     # ---- tuning and a longer run per preconditioner
     tune_cfg = settings["tune"]
@@ -300,16 +329,17 @@ def main() -> None:
             method["skipped"] = "every run of the grid failed"
             continue
         method.update(long_run(make_kernel, tuned.step_size, x, y, ref, args.seed, settings))
-        report(method, tuned.step_size, ksd_draws, nuts_ksd)
-        # the next smaller step size of the grid: how much of the chosen one's error is bias
-        grid = sorted(tune_cfg["grid"])
-        smaller = [e for e in grid if e < tuned.step_size]
-        if smaller:
-            method["smaller"] = {"step_size": smaller[-1]}
-            method["smaller"].update(
-                long_run(make_kernel, smaller[-1], x, y, ref, args.seed, settings)
+        report(method, tuned.step_size, ksd_draws, results["nuts"])
+        # the step size of the smallest unscaled KSD (the earlier rule), for comparison
+        ok = [r for r in tuned.table if r["status"] == "ok"]
+        old = min(ok, key=lambda r: (r["ksd_unscaled"], -r["step_size"]))["step_size"]
+        method["unscaled_pick"] = {"step_size": old}
+        print(f"the unscaled KSD would choose {old:.3g}")
+        if old != tuned.step_size:
+            method["unscaled_pick"].update(
+                long_run(make_kernel, old, x, y, ref, args.seed, settings)
             )
-            report(method["smaller"], smaller[-1], ksd_draws, nuts_ksd)
+            report(method["unscaled_pick"], old, ksd_draws, results["nuts"])
 
     # ---- BNP+RMSprop on a plain-function model: RMSprop, with a warning
     bnp, rms = results["methods"]["bnp+rmsprop"], results["methods"]["rmsprop"]

@@ -15,7 +15,13 @@ from pyro.infer import MCMC
 
 import pyro_bnp
 from pyro_bnp.diagnostics import ksd
-from pyro_bnp.tuning import DEFAULT_STEP_SIZES, stein_discrepancy, tune_step_size
+from pyro_bnp.tuning import (
+    DEFAULT_STEP_SIZES,
+    _choose,
+    _standardized,
+    stein_discrepancy,
+    tune_step_size,
+)
 
 N = 100
 PRIOR_SD = 10.0
@@ -245,6 +251,152 @@ def test_default_grid_is_log_spaced():
     torch.testing.assert_close(ratios, torch.full_like(ratios, math.sqrt(10.0)))
 
 
+# --------------------------------------------------------------------------- standardising
+def _gaussian_draws(spread: tuple[float, float], n: int = 500) -> tuple[torch.Tensor, ...]:
+    """Draws of N(0, diag(1, 0.03^2)) with each coordinate's spread scaled; exact scores."""
+    sd = torch.tensor([1.0, 0.03], dtype=torch.float64)
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = z * sd * torch.tensor(spread, dtype=torch.float64)
+    return x, -x / sd**2
+
+
+def test_standardized_ksd_is_scale_invariant_and_keeps_frozen_columns():
+    x, s = _gaussian_draws((1.0, 1.0))
+    a = torch.tensor([7.0, 0.01], dtype=torch.float64)  # x -> a x: the score becomes s / a
+    assert ksd(*_standardized(x * a, s / a)) == pytest.approx(ksd(*_standardized(x, s)), 1e-10)
+    assert ksd(x * a, s / a) != pytest.approx(ksd(x, s), rel=0.1)  # the unscaled KSD is not
+    z, t = _standardized(x, s)
+    torch.testing.assert_close(z.std(0), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(z * t, x * s)  # x_j s_j is unchanged
+    frozen = x.clone()
+    frozen[:, 1] = 0.5  # a coordinate that did not move keeps scale 1
+    z, t = _standardized(frozen, s)
+    assert torch.equal(z[:, 1], frozen[:, 1]) and torch.equal(t[:, 1], s[:, 1])
+    one = _standardized(x[:1], s[:1])  # a single draw: no sd, nothing rescaled
+    assert torch.equal(one[0], x[:1]) and torch.equal(one[1], s[:1])
+    with pytest.raises(ValueError, match=r"\[n, d\]"):
+        _standardized(x, s[:, :1])
+
+
+def test_standardized_ksd_sees_the_spread_of_a_wide_coordinate():
+    """The unscaled KSD is dominated by the narrow coordinate's scores (tr(S^-1) / n)."""
+    exact = _gaussian_draws((1.0, 1.0))
+    wide = _gaussian_draws((1.3, 1.0))  # the sd-1 coordinate 1.3 times too wide
+    assert ksd(*wide) / ksd(*exact) < 1.05  # measured: 1.232 / 1.238
+    assert ksd(*_standardized(*wide)) / ksd(*_standardized(*exact)) > 2.0  # 0.21 / 0.070
+    narrow = _gaussian_draws((1.0, 1.3))  # the narrow one too wide: both see it
+    assert ksd(*narrow) / ksd(*exact) > 1.2
+    assert ksd(*_standardized(*narrow)) / ksd(*_standardized(*exact)) > 2.0
+
+
+def test_choice_on_a_constructed_table():
+    """The smallest score among the runs within max_unscaled_ratio of the smallest unscaled KSD."""
+
+    def table() -> list[dict]:
+        rows = [  # step, score (standardised), unscaled, status: the diabetes pattern
+            (1e-7, 0.60, 970.0, "ok"),  # frozen near the initial point: a low bounded score
+            (1e-5, 5.30, 104.0, "ok"),
+            (1e-4, 0.79, 18.1, "ok"),
+            (3e-4, 0.91, 14.4, "ok"),  # the smallest unscaled KSD
+            (1e-3, 4.20, 36.2, "ok"),
+            (1e-2, math.inf, math.inf, "failed: RuntimeError: exploding"),
+        ]
+        return [{"step_size": e, "ksd": k, "ksd_unscaled": u, "status": st} for e, k, u, st in rows]
+
+    rows = table()
+    assert _choose(rows, 10.0)["step_size"] == 1e-4
+    assert [r["candidate"] for r in rows] == [False, True, True, True, True, False]  # 104 < 144
+    assert _choose(table(), math.inf)["step_size"] == 1e-7  # without the guard: the frozen run
+    assert _choose(table(), 1.0)["step_size"] == 3e-4  # only the smallest unscaled KSD
+    zero = table()
+    zero[4]["ksd_unscaled"] = 0.0  # a zero floor: only it is within any finite ratio
+    assert _choose(zero, 10.0)["step_size"] == 1e-3
+    assert _choose(zero, math.inf)["step_size"] == 1e-7
+    tie = table()
+    tie[2]["ksd"] = tie[3]["ksd"]
+    assert _choose(tie, 10.0)["step_size"] == 3e-4  # ties: the larger step size
+    failed = table()
+    for r in failed:
+        r["status"] = "failed: x"
+    assert _choose(failed, 10.0) is None and not any(r["candidate"] for r in failed)
+    y = make_data()
+    with pytest.raises(ValueError, match="max_unscaled_ratio"):
+        tune_step_size(sgld, (y,), max_unscaled_ratio=0.5)
+
+
+# a conjugate regression (normal-inverse-gamma prior): the posterior is known in closed form
+A0, B0 = 2.0, 1.0
+
+
+def nig_data(n: int = 200, d: int = 3, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = z.clone()
+    for j in range(1, d):  # correlated inputs, AR(1) with rho = 0.7
+        x[:, j] = 0.7 * x[:, j - 1] + math.sqrt(1 - 0.49) * z[:, j]
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    y = x @ w + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    return x.float(), y.float()
+
+
+def nig_model(x, y):
+    """sigma2 ~ InvGamma(A0, B0), w | sigma2 ~ N(0, sigma2 I), y ~ N(x w, sigma2)."""
+    s2 = pyro.sample("sigma2", dist.InverseGamma(A0, B0))
+    w = pyro.sample("w", dist.Normal(0.0, s2.sqrt()).expand([x.shape[1]]).to_event(1))
+    with pyro.plate("data", x.shape[0]) as idx:
+        pyro.sample("y", dist.Normal(x[idx] @ w, s2.sqrt()), obs=y[idx])
+
+
+def nig_posterior(x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and sds of ``[w_0, ..., w_{d-1}, sigma2]``: w is Student-t, sigma2 IG."""
+    x, y = x.double(), y.double()
+    prec = torch.eye(x.shape[1], dtype=torch.float64) + x.T @ x
+    cov = torch.linalg.inv(prec)
+    m = cov @ x.T @ y
+    an = A0 + x.shape[0] / 2
+    bn = B0 + 0.5 * float(y @ y - m @ prec @ m)
+    mean = torch.cat([m, torch.tensor([bn / (an - 1)], dtype=torch.float64)])
+    sd2 = torch.tensor([bn / ((an - 1) * math.sqrt(an - 2))], dtype=torch.float64)
+    return mean, torch.cat([(bn / (an - 1) * cov.diagonal()).sqrt(), sd2])
+
+
+def test_tuner_pick_meets_the_criterion_on_a_conjugate_regression():
+    """N = 200, batch 20: the unscaled rule picks 1e-3, where sigma2 is 0.6 sd too high.
+
+    Measured over the grid 3.16e-6 ... 3.16e-3 (2000 draws, thin 2, after 500 warmup; seed 1):
+    |mean error| / sd of sigma2 0.17, 0.02, 0.13, 0.60 at 3.16e-5, 1e-4, 3.16e-4, 1e-3; the
+    sd ratios of w 0.78-0.87, 0.90-0.96, 1.00-1.04, 1.28-1.41. The standardised KSD picks
+    3.16e-4, where every site is within 0.5 sd in mean and a factor 1.5 in sd.
+    """
+    x, y = nig_data()
+
+    def make(eps: float, thin: int = 1) -> pyro_bnp.SGLD:
+        return pyro_bnp.SGLD(
+            nig_model, eps, subsample_size={"data": 20}, preconditioner="identity", thin=thin
+        )
+
+    kw = {"num_samples": 400, "warmup_steps": 200, "ksd_draws": 200, "progress": False}
+    new = tune_step_size(make, (x, y), step_sizes=(1e-4, 10**-3.5, 1e-3, 10**-2.5), **kw)
+    assert new.ksd == min(r["ksd"] for r in new.table)
+    assert "unscaled" in str(new).splitlines()[0]
+    old = min(new.table, key=lambda r: r["ksd_unscaled"])  # the rule of standardize=False
+    assert old["step_size"] == pytest.approx(1e-3) and new.step_size < old["step_size"]
+    unscaled = tune_step_size(make, (x, y), step_sizes=(1e-3,), standardize=False, **kw)
+    assert unscaled.ksd == unscaled.table[0]["ksd_unscaled"]
+    assert unscaled.ksd == pytest.approx(old["ksd_unscaled"], rel=1e-9)  # the same run
+    assert old["ksd"] != pytest.approx(old["ksd_unscaled"], rel=1e-3)
+    pyro.set_rng_seed(1)
+    mcmc = MCMC(make(new.step_size, thin=2), num_samples=1500, warmup_steps=300,
+                disable_progbar=True)  # fmt: skip
+    mcmc.run(x, y)
+    draws = mcmc.get_samples()
+    flat = torch.cat([draws["w"].double(), draws["sigma2"].double()[:, None]], dim=1)
+    mean, sd = nig_posterior(x, y)
+    assert ((flat.mean(0) - mean).abs() / sd).max() < 0.5
+    ratio = flat.std(0) / sd
+    assert ratio.min() > 1 / 1.5 and ratio.max() < 1.5
+
+
 # --------------------------------------------------------------------------- the example
 def test_diabetes_example_quick(tmp_path):
     run_example("diabetes_tuning", "--quick", "--out", tmp_path, timeout=150)
@@ -256,9 +408,11 @@ def test_diabetes_example_quick(tmp_path):
         if method.get("skipped"):
             continue
         assert math.isfinite(method["step_size"]) and math.isfinite(method["ksd"]), name
-        runs = [method] + ([method["smaller"]] if "smaller" in method else [])
-        for run in runs:  # the chosen step size and the next smaller one of the grid
-            assert math.isfinite(run["ksd"])
+        old = method["unscaled_pick"]  # the step size of the smallest unscaled KSD
+        rows = [r for r in method["tuning"] if r["ksd_unscaled"] is not None]
+        assert old["step_size"] == min(rows, key=lambda r: r["ksd_unscaled"])["step_size"]
+        runs = [method] + ([old] if "sites" in old else [])
+        for run in runs:  # the chosen step size and the unscaled rule's, if different
+            assert math.isfinite(run["ksd"]) and math.isfinite(run["ksd_standardized"])
             for site in run["sites"]:
                 assert math.isfinite(site["mean_error_sd"]) and math.isfinite(site["sd_ratio"])
-    assert any("smaller" in m for m in results["methods"].values())
