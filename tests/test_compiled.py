@@ -58,6 +58,24 @@ def test_traced_chain_equals_eager_chain(cls, pre):
     assert _max_rel(traced, eager) < 1e-4, _max_rel(traced, eager)
 
 
+@pytest.mark.parametrize("checks", ["host", "device"])
+def test_rmsprop_frozen_after_warmup_traced_equals_eager(checks):
+    """The frozen flag is a graph input: V stops changing at the end of warmup, as eagerly."""
+    x, y = _data()
+    runs = []
+    for comp in (False, "trace"):
+        pre = RMSprop(freeze_after_warmup=True)
+        k = SGLD(linreg, 1e-4, subsample_size={"data": 40}, preconditioner=pre, compile=comp,
+                 compile_options={"checks": checks} if comp else None)  # fmt: skip
+        samples, _ = _draws(k, x, y, num_samples=200, warmup_steps=100)
+        v_end = {n: v.clone() for n, v in pre.v.items()}
+        runs.append((samples, v_end, pre.frozen))
+    (se, ve, fe), (sc, vc, fc) = runs
+    assert fe and fc
+    assert _max_rel(sc, se) < 1e-4
+    assert _max_rel(vc, ve) < 1e-4
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_device_checks_equal_host_checks(dtype):
     """Selecting on the device (the GPU mode) gives the host mode's chain bit for bit."""
