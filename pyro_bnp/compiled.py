@@ -176,6 +176,11 @@ class CompiledUpdate:
         pot: MinibatchPotential = kernel.potential
         chain: ChainState = kernel.chain
         pre: Preconditioner = kernel.preconditioner
+        if type(pot) is not MinibatchPotential:
+            raise CompileUnsupported(
+                f"the kernel's potential is a {type(pot).__name__} (e.g. pyro_bnp.distributed's "
+                "sharded one), which has no compiled form"
+            )
         functional = _FUNCTIONAL.get(type(pre))
         if functional is None:
             raise CompileUnsupported(
