@@ -104,22 +104,23 @@ class _RMSpropState:
     def update(
         self, state: list[Tensor], grads: list[Tensor], frozen: Tensor
     ) -> tuple[list[Tensor], list[Tensor]]:
-        new, roots = [], []
+        new, roots, diag = [], [], []
         for v, g in zip(state, grads, strict=True):
             gn = g * self.inv_n  # scaled before squaring, as the eager update
             v = torch.where(frozen, v, v * self.alpha + (1.0 - self.alpha) * (gn * gn))
             new.append(v)
-            roots.append(torch.sqrt(1.0 / (torch.sqrt(v) + self.lam)))
-        return new, roots
+            diag.append(1.0 / (torch.sqrt(v) + self.lam))
+            roots.append(torch.sqrt(diag[-1]))
+        return new, roots + diag  # aux: sqrt(G) per site, then G (for RMSprop.diagonal)
 
     def apply(self, aux: list[Tensor], values: list[Tensor]) -> list[Tensor]:
-        return [x * r for x, r in zip(values, aux, strict=True)]
+        return [x * r for x, r in zip(values, aux[: self.size], strict=True)]
 
     def store(self, state: list[Tensor], aux: list[Tensor]) -> None:
-        pre = self.pre
+        pre, n = self.pre, self.size
         pre.v = dict(zip(self.names, state, strict=True))
-        pre._root = dict(zip(self.names, aux, strict=True))
-        pre._g = {n: r * r for n, r in pre._root.items()}
+        pre._root = dict(zip(self.names, aux[:n], strict=True))
+        pre._g = dict(zip(self.names, aux[n:], strict=True))
 
 
 _FUNCTIONAL: dict[type, type] = {Preconditioner: _IdentityState, Identity: _IdentityState}
@@ -140,10 +141,6 @@ def _priors_unvalidated(priors: Sequence[Any]) -> Iterator[None]:
                 p.__dict__.pop("_validate_args", None)
             else:
                 p._validate_args = value
-
-
-def _all(flags: list[Tensor]) -> Tensor:
-    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
 
 class CompiledUpdate:
@@ -288,8 +285,9 @@ class CompiledUpdate:
         c = coef.to(self.dtype)
         at_g = self.functional.apply(aux, g)
         # u = s xi - k A^T g (s: noise scale, k: drift coefficient)
-        u = [x * c[0] - c[1] * a for x, a in zip(xi, at_g, strict=True)] if xi else None
-        if u is None:
+        if xi:
+            u = [x * c[0] - c[1] * a for x, a in zip(xi, at_g, strict=True)]
+        else:  # no noise (T = 0)
             u = [-c[1] * a for a in at_g]
         if self.integrator == "sghmc":  # m' = decay m + u, theta' = theta + h A m'
             m_new = [mm * c[2] + uu for mm, uu in zip(m, u, strict=True)]
