@@ -7,13 +7,20 @@ and the small CNN, categorical; batch 128), interleaved round-robin in one loop 
 * ``hand``: bench_step's hand-written eager torch SGLD step (``common.HandSGLD``);
 * ``<pre> eager`` and ``<pre> compiled``: ``pyro_bnp.SGLD.sample`` with ``compile=False`` and
   ``compile=True`` for ``pre`` in identity, rmsprop; ``sghmc identity compiled`` likewise;
-* ``bnp eager``: BNP for reference (it has no compiled form yet).
+* ``bnp eager``: BNP for reference (it has no compiled form yet);
+* ``identity compiled cudagraphs`` (``--device cuda`` only, ``--contenders`` adds it): the same
+  graph with inductor's CUDA graphs (``compile_options={"triton.cudagraphs": True}``).
 
 Compile time is reported separately: tracing (``make_fx``) and inductor's compilation, with
-whatever inductor cache the machine has (``TORCHINDUCTOR_CACHE_DIR`` to control it). On a
-machine with CUDA the same contenders also run on the GPU (``--device cuda``).
+whatever inductor cache the machine has (``TORCHINDUCTOR_CACHE_DIR`` to control it).
 
-Run ``python benchmarks/bench_compiled.py [--quick] [--device cuda]``.
+On a GPU (``--device cuda``) the data, the network, the hand step's generators and the kernels
+live on the device; every timed block ends with ``torch.cuda.synchronize()``. The GPU table of
+docs/benchmarks.md is ``--device cuda --cases mlp-784-400-400-10,resnet20-3x32x32``
+(``resnet20-3x32x32``: :func:`common.resnet20`, ResNet-20 with parameter-free GroupNorm, N = 5000
+random CIFAR-shaped images). A contender that fails records its error and the rest go on.
+
+Run ``python benchmarks/bench_compiled.py [--quick] [--device cuda] [--budget S]``.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from common import (
     paired_ratio,
     ratio,
     report,
+    resnet20,
     set_threads,
     site_values,
     strip_rounds,
@@ -51,21 +59,36 @@ CONTENDERS = (
     ("identity", True, "sghmc"),
     ("bnp", False, "sgld"),
 )
+CUDAGRAPHS = ("identity", "cudagraphs", "sgld")  # (pre, compile flag, sampler)
 # targets of issue 16 (compiled identity / hand) per network
 TARGETS = {"mlp-10-50-1": 0.5, "mlp-784-400-400-10": 0.9}
 
 
 def label(pre: str, compiled: bool, sampler: str) -> str:
     """Return a contender's name, e.g. ``"rmsprop compiled"``."""
-    return ("sghmc " if sampler == "sghmc" else "") + f"{pre} {'compiled' if compiled else 'eager'}"
+    mode = {False: "eager", True: "compiled", "cudagraphs": "compiled cudagraphs"}[compiled]
+    return ("sghmc " if sampler == "sghmc" else "") + f"{pre} {mode}"
+
+
+def get_case(name: str, n: int) -> dict[str, Any]:
+    """bench_step's cases plus ``resnet20-3x32x32`` (categorical, random images)."""
+    if name != "resnet20-3x32x32":
+        return make_case(name, n)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return {"name": name, "net": resnet20(), "x": x, "y": y, "likelihood": "categorical"}
 
 
 def kernel_step(
-    case: dict[str, Any], pre: str, compiled: bool, sampler: str, eps: float, device: str
+    case: dict[str, Any], pre: str, compiled: bool | str, sampler: str, eps: float, device: str
 ) -> tuple[Callable[[], None], Any, dict[str, float]]:
     """Return ``step()`` (one ``sample`` call), the kernel and its compile times (s)."""
     model = BayesNet(case["net"], case["likelihood"], sigma=0.1).to(device)
     opts: dict[str, Any] = {"subsample_size": {"data": BATCH}, "preconditioner": pre}
+    if compiled == "cudagraphs":
+        compiled, opts["compile_options"] = True, {"triton.cudagraphs": True}
     if sampler == "sghmc":
         h = math.sqrt(eps * (2.0 - 0.1) / 2.0)
         kernel: Any = pyro_bnp.SGHMC(model, h, friction=0.1 / h, compile=compiled, **opts)
@@ -81,6 +104,8 @@ def kernel_step(
 
     start = time.perf_counter()
     step()  # the first draw: traces and compiles
+    if device != "cpu":
+        torch.cuda.synchronize()
     times = {"first_draw_s": time.perf_counter() - start}
     comp = kernel._compiled
     if compiled:
@@ -90,35 +115,41 @@ def kernel_step(
     return step, kernel, times
 
 
-def bench_case(name: str, *, quick: bool, budget_s: float, device: str) -> dict[str, Any]:
-    """Time every contender on one network."""
-    case = make_case(name, 1_000 if quick else SIZES[name])
-    eps = STEP_SIZES[name]
-    contenders: dict[str, Callable[[], Any]] = {}
-    if device == "cpu":
-        hand = HandSGLD(
-            copy.deepcopy(case["net"]), case["x"], case["y"], BATCH, eps, case["likelihood"]
-        )
-        contenders["hand"] = hand.step
-    compile_times, kernels = {}, {}
-    for pre, compiled, sampler in CONTENDERS:
+def bench_case(
+    name: str, *, quick: bool, budget_s: float, device: str, which: tuple[tuple[Any, ...], ...]
+) -> dict[str, Any]:
+    """Time every contender of ``which`` (and the hand step) on one network."""
+    case = get_case(name, 1_000 if quick else SIZES.get(name, 5_000))
+    eps = STEP_SIZES.get(name, 1e-7)
+    net = copy.deepcopy(case["net"]).to(device)
+    hand = HandSGLD(net, case["x"].to(device), case["y"].to(device), BATCH, eps, case["likelihood"])
+    contenders: dict[str, Callable[[], Any]] = {"hand": hand.step}
+    compile_times, kernels, errors = {}, {}, {}
+    for pre, compiled, sampler in which:
         key = label(pre, compiled, sampler)
-        contenders[key], kernels[key], compile_times[key] = kernel_step(
-            case, pre, compiled, sampler, eps, device
-        )
+        try:
+            contenders[key], kernels[key], compile_times[key] = kernel_step(
+                case, pre, compiled, sampler, eps, device
+            )
+        except Exception as exc:  # record it, time the others
+            errors[key] = f"{type(exc).__name__}: {exc}"[:2000]
+            print(f"{device} {name} {key}: FAILED {errors[key][:300]}", flush=True)
     timings = interleaved(
         contenders,
         warmup=2 if quick else 30,
         budget_s=budget_s,
         block_s=0.002 if quick else 0.02,
         min_rounds=3 if quick else 5,
+        sync=torch.cuda.synchronize if device != "cpu" else None,
     )
     for k in kernels.values():
         k.cleanup()
-    base = "hand" if "hand" in timings else "identity eager"
+    base = "hand"
     return {
         "case": name,
         "device": device,
+        "device_name": torch.cuda.get_device_name() if device != "cpu" else None,
+        "errors": errors,
         "step_size": eps,
         "timings": strip_rounds(timings),
         "compile_times": compile_times,
@@ -128,6 +159,7 @@ def bench_case(name: str, *, quick: bool, budget_s: float, device: str) -> dict[
         "compiled_over_eager": {
             pre: paired_ratio(timings, f"{pre} compiled", f"{pre} eager")
             for pre in ("identity", "rmsprop")
+            if f"{pre} compiled" in timings and f"{pre} eager" in timings
         },
         "divergences": {k: len(v.diagnostics()["divergences"]) for k, v in kernels.items()},
     }
@@ -154,6 +186,9 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, str]]:
         for pre, r in c["compiled_over_eager"].items():
             rows.append({"case": f"{c['device']} {c['case']} {pre} compiled/eager",
                          "value": f"{r:.3f}x (paired)"})  # fmt: skip
+        for name, err in c["errors"].items():
+            rows.append({"case": f"{c['device']} {c['case']} {name}", "value": "FAILED",
+                         "status": err.splitlines()[0][:120]})  # fmt: skip
     return rows
 
 
@@ -161,12 +196,29 @@ def main() -> None:
     """Parse the options, run, print the table and write the JSON."""
     parser = bench_parser(__doc__, "compiled")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--cases", default="mlp-10-50-1,mlp-784-400-400-10,cnn-3x32x32")
+    parser.add_argument(
+        "--cases", default="mlp-10-50-1,mlp-784-400-400-10,cnn-3x32x32",
+        help="comma-separated; also resnet20-3x32x32",
+    )  # fmt: skip
+    parser.add_argument("--budget", type=float, default=None, help="timed seconds per case")
+    parser.add_argument(
+        "--contenders", default=None,
+        help="comma-separated labels (default: CONTENDERS; on cuda also the CUDA graphs one)",
+    )  # fmt: skip
     args = parser.parse_args()
     set_threads(args.threads)
-    budget = 0.3 if args.quick else 30.0
+    budget = args.budget if args.budget is not None else (0.3 if args.quick else 30.0)
+    everything = CONTENDERS + ((CUDAGRAPHS,) if args.device != "cpu" else ())
+    which = everything
+    if args.contenders:
+        wanted = set(args.contenders.split(","))
+        which = tuple(c for c in everything if label(*c) in wanted)
+        if unknown := wanted - {label(*c) for c in which}:
+            parser.error(
+                f"unknown contenders {sorted(unknown)}; known: {[label(*c) for c in everything]}"
+            )
     cases = [
-        bench_case(n, quick=args.quick, budget_s=budget, device=args.device)
+        bench_case(n, quick=args.quick, budget_s=budget, device=args.device, which=which)
         for n in args.cases.split(",")
     ]
     result = {

@@ -152,6 +152,7 @@ def interleaved(
     budget_s: float = 10.0,
     min_rounds: int = 5,
     max_rounds: int = 10_000,
+    sync: Callable[[], Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Time ``contenders`` (each call = one step) round-robin; per-step medians in µs.
 
@@ -159,6 +160,8 @@ def interleaved(
     its block length ``k`` (steps per round, so that a block lasts about ``block_s``). Then
     rounds run every contender's block in turn until ``budget_s`` seconds are spent (at least
     ``min_rounds`` rounds). Each round gives one per-step time per contender (block time / k).
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called before each block's clock is read, so
+    asynchronous device work is counted in its block.
 
     Returns
     -------
@@ -169,9 +172,13 @@ def interleaved(
     k: dict[str, int] = {}
     for name in names:
         fn = contenders[name]
+        if sync is not None:
+            sync()
         start = time.perf_counter()
         for _ in range(max(1, warmup)):
             fn()
+        if sync is not None:
+            sync()
         per = (time.perf_counter() - start) / max(1, warmup)
         k[name] = max(1, int(block_s / max(per, 1e-9)))
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -185,6 +192,8 @@ def interleaved(
             t0 = time.perf_counter()
             for _ in range(steps):
                 fn()
+            if sync is not None:
+                sync()
             times[name].append((time.perf_counter() - t0) / steps * 1e6)
         rounds += 1
     out = {}
@@ -241,6 +250,45 @@ def small_cnn(num_classes: int = 10) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(32 * 8 * 8, num_classes),
     )
+
+
+class _Block(nn.Module):
+    """``relu(GN(conv(relu(GN(conv(x))))) + shortcut(x))``, option-A shortcut (channel padding)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, groups: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+        self.gn1 = nn.GroupNorm(groups, c_out, affine=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.gn2 = nn.GroupNorm(groups, c_out, affine=False)
+        self.stride, self.pad = stride, c_out - c_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.gn2(self.conv2(F.relu(self.gn1(self.conv1(x)))))
+        if self.stride != 1 or self.pad:
+            p = self.pad // 2
+            x = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, p, self.pad - p))
+        return F.relu(out + x)
+
+
+def resnet20(num_classes: int = 10, width: int = 16, groups: int = 8) -> nn.Sequential:
+    """CIFAR ResNet-20 with parameter-free GroupNorm, as in ``examples/resnet.py``.
+
+    3 stages of 3 basic blocks; every parameter is a conv or linear weight (all latent in
+    :class:`BayesNet`), about 0.27 M of them.
+    """
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.GroupNorm(groups, width, affine=False),
+        nn.ReLU(),
+    ]
+    c_in = width
+    for stage, c_out in enumerate([width, 2 * width, 4 * width]):
+        for j in range(3):
+            layers.append(_Block(c_in, c_out, 2 if stage > 0 and j == 0 else 1, groups))
+            c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes)]
+    return nn.Sequential(*layers)
 
 
 def num_params(net: nn.Module) -> int:
@@ -305,15 +353,15 @@ def site_values(net: nn.Module, prefix: str = "net") -> dict[str, Tensor]:
 class Batches:
     """Mini-batch indices in shuffled epochs (``N // B`` batches per permutation)."""
 
-    def __init__(self, n: int, b: int, seed: int = 0) -> None:
-        self.n, self.b = n, b
-        self.g = torch.Generator().manual_seed(seed)
-        self.perm = torch.randperm(n, generator=self.g)
+    def __init__(self, n: int, b: int, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.n, self.b, self.device = n, b, device
+        self.g = torch.Generator(device=device).manual_seed(seed)
+        self.perm = torch.randperm(n, generator=self.g, device=device)
         self.pos = 0
 
     def next(self) -> Tensor:
         if self.pos + self.b > self.n:
-            self.perm = torch.randperm(self.n, generator=self.g)
+            self.perm = torch.randperm(self.n, generator=self.g, device=self.device)
             self.pos = 0
         idx = self.perm[self.pos : self.pos + self.b]
         self.pos += self.b
@@ -331,7 +379,8 @@ class HandSGLD:
     """A hand-written torch SGLD step on a plain ``nn.Module`` (the reference).
 
     One step: mini-batch indices, forward, ``U_hat = -(N/B) sum log p(y|x) + |theta|^2/2``,
-    backward, then in place ``theta -= (eps/2) grad; theta += sqrt(eps) xi``.
+    backward, then in place ``theta -= (eps/2) grad; theta += sqrt(eps) xi``. Indices and noise
+    come from generators on the data's device.
     """
 
     def __init__(
@@ -349,13 +398,13 @@ class HandSGLD:
         self.net = net
         self.params = [p for p in net.parameters()]
         self.x, self.y = x, y
-        self.batches = Batches(x.shape[0], batch, seed)
+        self.batches = Batches(x.shape[0], batch, seed, device=x.device)
         self.scale = x.shape[0] / batch
         self.half = 0.5 * step_size
         self.noise = math.sqrt(step_size)
         self.likelihood, self.sigma = likelihood, sigma
         self.inv_var = 1.0 / prior_scale**2
-        self.g = torch.Generator().manual_seed(seed + 1)
+        self.g = torch.Generator(device=x.device).manual_seed(seed + 1)
 
     def step(self) -> None:
         idx = self.batches.next()
@@ -367,7 +416,7 @@ class HandSGLD:
         with torch.no_grad():
             for p, g in zip(self.params, grads, strict=True):
                 p.add_(g, alpha=-self.half)
-                p.add_(torch.randn(p.shape, generator=self.g), alpha=self.noise)
+                p.add_(torch.randn(p.shape, generator=self.g, device=p.device), alpha=self.noise)
 
     def full_gradient(self) -> None:
         """``grad U`` on all rows (what one gradient of full-data HMC/NUTS costs, minimum)."""

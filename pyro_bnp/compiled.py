@@ -312,7 +312,9 @@ class CompiledUpdate:
         g_out = [torch.where(ok, a, b) for a, b in zip(grads, g, strict=True)]
         m_out = [torch.where(ok, a, torch.zeros_like(a)) for a in m_new]
         # a new draw starts its maximum, divergence flag, explosion record and count afresh
-        fresh = torch.stack([flags[_RIR], flags[_RIR], *torch.tensor([0.0, 0.0, 0.0, -1.0, 0.0])])
+        fresh = torch.stack(
+            [flags[_RIR], flags[_RIR], *flags.new_tensor([0.0, 0.0, 0.0, -1.0, 0.0])]
+        )
         f = torch.cat([torch.where(first, fresh, flags[:_LP]), flags[_LP:]])
         rir = torch.where(ok, torch.zeros_like(f[_RIR]), f[_RIR] + 1.0)
         new_flags = torch.stack(
@@ -346,6 +348,9 @@ class CompiledUpdate:
             return gm
         with warnings.catch_warnings():  # torch's own modules deprecate torch.jit on import
             warnings.simplefilter("ignore", DeprecationWarning)
+            # inductor's advice to enable TF32 on GPUs: float32 matmul precision is the user's
+            # choice (``torch.set_float32_matmul_precision``); the eager update uses the same
+            warnings.filterwarnings("ignore", "TensorFloat32 tensor cores", UserWarning)
             import torch._inductor  # noqa: PLC0415 (seconds to import: only when compiling)
 
             t1 = time.perf_counter()
@@ -502,7 +507,11 @@ class CompiledUpdate:
         with pyro.validation_enabled(False):
             lp, grads = pot(chain.z, idx)
         lp_c = chain.lp if flags is None else float(flags[_LP])
-        tol = 1e-4 if self.dtype == torch.float32 else 1e-9
+        # float32: eager itself is 1e-4 to 5e-4 (per site, relative) from the float64 gradient
+        # on ResNet-20 and inductor's fused kernels about 1e-3 (measured; docs/usage.md), so the
+        # gradient is checked to 1e-2 there: a wrong graph (a lost term, data baked in) is
+        # off by far more. The log density is a sum and keeps 1e-4.
+        tol, gtol = (1e-4, 1e-2) if self.dtype == torch.float32 else (1e-9, 1e-9)
         worst = 0.0
         for n, v in grads.items():
             scale = float(torch.linalg.vector_norm(v)) + 1e-30
@@ -512,10 +521,11 @@ class CompiledUpdate:
         chain.lp, chain.grads = lp, grads
         if flags is not None:
             flags[_LP] = lp
-        if not (lp_err <= tol and worst <= tol):
+        if not (lp_err <= tol and worst <= gtol):
             raise CompileUnsupported(
                 "the compiled log density or gradient disagrees with the eager potential's "
-                f"(relative errors: lp {lp_err:.3g}, gradient {worst:.3g}, tolerance {tol:g})"
+                f"(relative errors: lp {lp_err:.3g}, gradient {worst:.3g}; tolerances {tol:g}, "
+                f"{gtol:g})"
             )
         self.verified = True
 

@@ -10,9 +10,11 @@ import torch
 def linreg(x: torch.Tensor, y: torch.Tensor | None = None) -> None:
     """Linear regression with a HalfNormal noise scale (a constrained site)."""
     d = x.shape[-1]
-    w = pyro.sample("w", dist.Normal(torch.zeros(d, dtype=x.dtype), 1.0).to_event(1))
-    b = pyro.sample("b", dist.Normal(torch.tensor(0.0, dtype=x.dtype), 1.0))
-    s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=x.dtype)))
+    w = pyro.sample(
+        "w", dist.Normal(torch.zeros(d, dtype=x.dtype, device=x.device), 1.0).to_event(1)
+    )
+    b = pyro.sample("b", dist.Normal(torch.tensor(0.0, dtype=x.dtype, device=x.device), 1.0))
+    s = pyro.sample("s", dist.HalfNormal(torch.tensor(1.0, dtype=x.dtype, device=x.device)))
     with pyro.plate("data", x.shape[0]) as idx:
         pyro.sample("y", dist.Normal(x[idx] @ w + b, s), obs=None if y is None else y[idx])
 
@@ -33,8 +35,10 @@ def gaussian_target(loc: torch.Tensor, scale: float) -> None:
 def conjugate_linreg(x: torch.Tensor, y: torch.Tensor, prior_scale: float, noise: float) -> None:
     """Bayesian linear regression with known noise: the posterior of [b; w] is Gaussian."""
     d = x.shape[-1]
-    w = pyro.sample("w", dist.Normal(torch.zeros(d, dtype=x.dtype), prior_scale).to_event(1))
-    b = pyro.sample("b", dist.Normal(torch.zeros((), dtype=x.dtype), prior_scale))
+    w = pyro.sample(
+        "w", dist.Normal(torch.zeros(d, dtype=x.dtype, device=x.device), prior_scale).to_event(1)
+    )
+    b = pyro.sample("b", dist.Normal(torch.zeros((), dtype=x.dtype, device=x.device), prior_scale))
     with pyro.plate("data", x.shape[0]) as idx:
         pyro.sample("y", dist.Normal(x[idx] @ w + b, noise), obs=y[idx])
 

@@ -201,6 +201,23 @@ def test_untraceable_model_warns_once_and_stays_eager():
     assert torch.equal(out["w"], eager["w"])  # nothing was lost: the eager chain exactly
 
 
+def test_a_graph_that_disagrees_with_the_eager_potential_falls_back(monkeypatch):
+    """The first accepted update is checked against the eager potential: a graph whose log
+    density is 5 % off (so is its gradient) warns with both errors and the chain goes on eagerly
+    from where it was."""
+    from pyro_bnp.potential import MinibatchPotential
+
+    x, y = _data()
+    opts = {"subsample_size": {"data": 40}, "preconditioner": "identity"}
+    eager, _ = _draws(SGLD(linreg, 1e-4, **opts), x, y, num_samples=50)
+    log_joint = MinibatchPotential.log_joint
+    monkeypatch.setattr(MinibatchPotential, "log_joint", lambda *a, **k: 1.05 * log_joint(*a, **k))
+    with pytest.warns(RuntimeWarning, match=r"disagrees with the eager potential's .*lp 0\.0"):
+        out, k = _draws(SGLD(linreg, 1e-4, compile="trace", **opts), x, y, num_samples=50)
+    assert k._compiled is None
+    assert _max_rel(out, eager) < 1e-4
+
+
 def test_bad_compile_arguments_are_named():
     with pytest.raises(ValueError, match="compile must be False, True, 'auto' or 'trace'"):
         SGLD(linreg, compile="yes")
