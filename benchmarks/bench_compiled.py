@@ -7,7 +7,8 @@ and the small CNN, categorical; batch 128), interleaved round-robin in one loop 
 * ``hand``: bench_step's hand-written eager torch SGLD step (``common.HandSGLD``);
 * ``<pre> eager`` and ``<pre> compiled``: ``pyro_bnp.SGLD.sample`` with ``compile=False`` and
   ``compile=True`` for ``pre`` in identity, rmsprop; ``sghmc identity compiled`` likewise;
-* ``bnp eager``: BNP for reference (it has no compiled form yet);
+* ``bnp eager``, ``bnp compiled`` and ``bnp+rmsprop compiled`` (BNP's statistics updated
+  at every update, as in bench_step);
 * ``identity compiled cudagraphs`` (``--device cuda`` only, ``--contenders`` adds it): the same
   graph with inductor's CUDA graphs (``compile_options={"triton.cudagraphs": True}``).
 
@@ -58,6 +59,8 @@ CONTENDERS = (
     ("rmsprop", True, "sgld"),
     ("identity", True, "sghmc"),
     ("bnp", False, "sgld"),
+    ("bnp", True, "sgld"),
+    ("bnp+rmsprop", True, "sgld"),
 )
 CUDAGRAPHS = ("identity", "cudagraphs", "sgld")  # (pre, compile flag, sampler)
 # targets of issue 16 (compiled identity / hand) per network
@@ -158,9 +161,15 @@ def bench_case(
         "paired_ratio": {c: paired_ratio(timings, c, base) for c in timings},
         "compiled_over_eager": {
             pre: paired_ratio(timings, f"{pre} compiled", f"{pre} eager")
-            for pre in ("identity", "rmsprop")
+            for pre in ("identity", "rmsprop", "bnp")
             if f"{pre} compiled" in timings and f"{pre} eager" in timings
         },
+        # issue 16's target: BNP's overhead over identity, both compiled (<= 1.10)
+        "bnp_overhead_compiled": (
+            paired_ratio(timings, "bnp compiled", "identity compiled")
+            if "bnp compiled" in timings and "identity compiled" in timings
+            else None
+        ),
         "divergences": {k: len(v.diagnostics()["divergences"]) for k, v in kernels.items()},
     }
 
@@ -186,6 +195,11 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, str]]:
         for pre, r in c["compiled_over_eager"].items():
             rows.append({"case": f"{c['device']} {c['case']} {pre} compiled/eager",
                          "value": f"{r:.3f}x (paired)"})  # fmt: skip
+        if c.get("bnp_overhead_compiled") is not None:
+            r = c["bnp_overhead_compiled"]
+            rows.append({"case": f"{c['device']} {c['case']} bnp/identity compiled",
+                         "value": f"{r:.3f}x (paired)", "target": "<= 1.10",
+                         "status": "ok" if r <= 1.10 else "MISSED"})  # fmt: skip
         for name, err in c["errors"].items():
             rows.append({"case": f"{c['device']} {c['case']} {name}", "value": "FAILED",
                          "status": err.splitlines()[0][:120]})  # fmt: skip

@@ -489,9 +489,15 @@ class BNP(Preconditioner):
             self._gz = (grads, gz)  # step() maps the same gradient with the same statistics
 
     def freeze(self) -> None:
-        """Freeze the layer statistics and the RMSprop state: ``M`` is constant from now on."""
+        """Freeze the layer statistics and the RMSprop state: ``M`` is constant from now on.
+
+        ``M`` is derived once more, from the statistics being frozen (which include the batch
+        of the last update's proposal), so it is a function of the saved state: a chain resumed
+        from :meth:`state_dict` continues with the same ``M``.
+        """
         super().freeze()
-        self._ensure()
+        for block in self._blocks.values():
+            self._refresh(block)
         for block in self._blocks.values():
             block.ref.stats.frozen = True
         if self.rmsprop is not None:

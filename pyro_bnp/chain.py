@@ -347,20 +347,21 @@ class HealthMonitor:
         self,
         chain: ChainState,
         diverging: bool,
-        preconditioner_state: Mapping[str, str],
+        preconditioner_state: Callable[[], Mapping[str, str]],
         advice: Any,
     ) -> list[str]:
         """Record a draw; every ``every`` draws run the checks and return the new messages.
 
-        ``preconditioner_state``: site -> problem with the preconditioner's state there (from
-        :meth:`~pyro_bnp.Preconditioner.health`); ``advice(site)``: a remedy to append.
+        ``preconditioner_state()``: site -> problem with the preconditioner's state there
+        (:meth:`~pyro_bnp.Preconditioner.health`; called only when the checks run: it reads
+        the device); ``advice(site)``: a remedy to append.
         """
         self._lps.append(chain.lp)
         self._accepted = self._accepted or not diverging
         if chain.draw % self.health.every:
             return []
         found: list[tuple[str, str, str]] = []
-        for site, problem in preconditioner_state.items():
+        for site, problem in preconditioner_state().items():
             found.append((site, "preconditioner", problem))
         for site, (centre, sd) in self.spread.items():
             v = chain.z.get(site)

@@ -25,14 +25,17 @@ float64 vector of counters; its outputs are the same quantities one update later
   explosion began;
 * the step size is a graph input, so schedules do not retrace.
 
-Supported: the ``"identity"`` and ``"rmsprop"`` preconditioners (exactly those classes), models
-that subsample only through the kernel's ``subsample_size``, any Pyro model whose log density
-``make_fx`` can trace (no host reads such as ``float(tensor)`` or data-dependent Python branches).
-Anything else runs the eager update, with a warning that says why.
+Supported: the ``"identity"``, ``"rmsprop"``, ``"bnp"`` and ``"bnp+rmsprop"`` preconditioners
+(exactly those classes; BNP without ``prior_cap`` or ``others``: its layer statistics are graph
+state, see :class:`_BNPState`), models that subsample only through the kernel's
+``subsample_size``, any Pyro model whose log density ``make_fx`` can trace (no host reads such as
+``float(tensor)`` or data-dependent Python branches). Anything else runs the eager update, with a
+warning that says why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -46,7 +49,9 @@ from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from pyro_bnp.bnp import BNP, balance_factor
 from pyro_bnp.chain import ChainState
+from pyro_bnp.layers import RunningInputStats
 from pyro_bnp.potential import MinibatchPotential
 from pyro_bnp.preconditioners import Identity, Preconditioner, RMSprop, standard_normal_like
 
@@ -56,8 +61,8 @@ __all__ = ["CompileUnsupported", "CompiledUpdate", "COMPILE_MODES"]
 COMPILE_MODES: tuple[Any, ...] = (False, True, "auto", "trace")
 
 # positions in the float64 counter vector carried from update to update
-_RIR, _MAXRIR, _DIV, _BOOM, _BOOM_VAL, _BOOM_AT, _COUNT, _LP, _GNORM = range(9)
-_NUM_FLAGS = 9
+_RIR, _MAXRIR, _DIV, _BOOM, _BOOM_VAL, _BOOM_AT, _COUNT, _ACC, _LP, _GNORM = range(10)
+_NUM_FLAGS = 10
 
 
 class CompileUnsupported(RuntimeError):
@@ -65,32 +70,64 @@ class CompileUnsupported(RuntimeError):
 
 
 class _IdentityState:
-    """Identity preconditioner in functional form: no state, ``A = I``."""
+    """A preconditioner in functional form; this one is the identity (no state, ``A = I``).
+
+    The protocol: :attr:`size` tensors of state changed before the move (RMSprop's ``V``),
+    :attr:`stats_size` tensors of layer statistics changed by the forward pass at the proposal
+    (BNP's, undone when it is rejected); :meth:`update` returns the new state and ``aux`` (what
+    the maps need); :meth:`apply` is ``A``, :meth:`apply_t` is ``A^T``; :meth:`observe` folds
+    the layer inputs of the forward pass into the statistics (inside the traced gradient);
+    :meth:`store` writes the results back into the preconditioner object.
+    """
 
     size = 0
+    stats_size = 0
+    modules: list[Any] = []
 
-    def __init__(self, pre: Preconditioner, names: Sequence[str]) -> None:
+    def __init__(self, pre: Preconditioner, names: Sequence[str], kernel: Any) -> None:
         self.pre = pre
+
+    def key(self) -> tuple[Any, ...]:
+        return ()
 
     def state(self, grads: Mapping[str, Tensor]) -> list[Tensor]:
         return []
 
+    def stats(self) -> list[Tensor]:
+        return []
+
     def update(
-        self, state: list[Tensor], grads: list[Tensor], frozen: Tensor
+        self, state: list[Tensor], stats: list[Tensor], grads: list[Tensor], frozen: Tensor
     ) -> tuple[list[Tensor], list[Tensor]]:
         return [], []
 
     def apply(self, aux: list[Tensor], values: list[Tensor]) -> list[Tensor]:
         return list(values)
 
-    def store(self, state: list[Tensor], aux: list[Tensor]) -> None:
+    def apply_t(self, aux: list[Tensor], values: list[Tensor]) -> list[Tensor]:
+        return self.apply(aux, values)
+
+    def observe(
+        self, stats: list[Tensor], inputs: list[list[Tensor]], frozen: Tensor
+    ) -> list[Tensor]:
+        return []
+
+    def store(self, state: list[Tensor], stats: list[Tensor], aux: list[Tensor]) -> None:
+        pass
+
+    def set_stats(self, stats: list[Tensor]) -> None:
+        pass
+
+    def count_batches(self, accepted: int) -> None:
         pass
 
 
-class _RMSpropState:
+class _RMSpropState(_IdentityState):
     """RMSprop in functional form: state ``V`` per site, ``A = A^T = diag(sqrt(G))``."""
 
-    def __init__(self, pre: Preconditioner, names: Sequence[str]) -> None:
+    pre: RMSprop
+
+    def __init__(self, pre: Preconditioner, names: Sequence[str], kernel: Any = None) -> None:
         assert isinstance(pre, RMSprop)
         self.pre, self.names = pre, list(names)
         self.size = len(self.names)
@@ -102,7 +139,7 @@ class _RMSpropState:
         return [self.pre.v[n] for n in self.names]
 
     def update(
-        self, state: list[Tensor], grads: list[Tensor], frozen: Tensor
+        self, state: list[Tensor], stats: list[Tensor], grads: list[Tensor], frozen: Tensor
     ) -> tuple[list[Tensor], list[Tensor]]:
         new, roots, diag = [], [], []
         for v, g in zip(state, grads, strict=True):
@@ -116,15 +153,198 @@ class _RMSpropState:
     def apply(self, aux: list[Tensor], values: list[Tensor]) -> list[Tensor]:
         return [x * r for x, r in zip(values, aux[: self.size], strict=True)]
 
-    def store(self, state: list[Tensor], aux: list[Tensor]) -> None:
+    def store(self, state: list[Tensor], stats: list[Tensor], aux: list[Tensor]) -> None:
         pre, n = self.pre, self.size
         pre.v = dict(zip(self.names, state, strict=True))
         pre._root = dict(zip(self.names, aux[:n], strict=True))
         pre._g = dict(zip(self.names, aux[n:], strict=True))
 
 
+class _BNPState(_IdentityState):
+    """BNP (plain or with RMSprop in BNP coordinates) in functional form.
+
+    The layer statistics (running mean and variance of each layer's input) are graph state:
+    the graph derives ``s^2 = var + eps1 max(var) + eps2``, ``r = 1 / s`` and ``c = mu r`` from
+    them (as :meth:`BNP._refresh <pyro_bnp.bnp.BNP>` does, with ``max(var)`` a tensor instead
+    of a host float), maps with :meth:`BNP._to_z` (``A^T``) and :meth:`BNP._from_z` (``A``),
+    and folds the inputs that the forward pass at the proposal gives each layer
+    (:meth:`RunningInputStats.fold <pyro_bnp.layers.RunningInputStats.fold>`, the eager
+    formula) into new statistics: kept when the update is accepted, the preconditioner is not
+    frozen and the new variance is finite (the eager rules). ``q`` is a constant of the graph
+    (the mini-batch and feature-map sizes are).
+    """
+
+    pre: BNP
+
+    def __init__(self, pre: Preconditioner, names: Sequence[str], kernel: Any) -> None:
+        assert isinstance(pre, BNP)
+        if pre.prior_cap is not None:
+            raise CompileUnsupported("BNP(prior_cap=...) has no compiled form yet")
+        if pre.others is not None:
+            raise CompileUnsupported("BNP(others=...) has no compiled form yet")
+        self.pre, self.names = pre, list(names)
+        hooks = kernel.hooks
+        module_of = {} if hooks is None else {id(st): m for m, st in hooks.pairs}
+        self.blocks = list(pre._blocks.values())
+        self.modules = []
+        self.running: list[RunningInputStats] = []
+        for block in self.blocks:
+            stats = block.ref.stats
+            if not isinstance(stats, RunningInputStats) or id(stats) not in module_of:
+                raise CompileUnsupported(
+                    f"BNP layer {block.ref.name!r}: its statistics are not a hooked "
+                    "RunningInputStats (pyro_bnp.layers.find_layers makes those)"
+                )
+            if stats.num_batches == 0 and stats.init == "batch":
+                raise CompileUnsupported(f"BNP layer {block.ref.name!r} has seen no batch yet")
+            self.modules.append(module_of[id(stats)])
+            self.running.append(stats)
+        rms = pre.rmsprop
+        self.rms = None if rms is None else _RMSpropState(rms, names)
+        self.size = 0 if self.rms is None else self.rms.size
+        self.stats_size = 2 * len(self.blocks)
+        self.q2 = [
+            balance_factor(b.fan_in, b.ref.stats.batch_size, b.ref.stats.spatial_size)
+            for b in self.blocks
+        ]
+
+    def key(self) -> tuple[Any, ...]:
+        return tuple(
+            (b.ref.name, st.batch_size, st.spatial_size)
+            for b, st in zip(self.blocks, self.running, strict=True)
+        )
+
+    def state(self, grads: Mapping[str, Tensor]) -> list[Tensor]:
+        if self.rms is None:
+            return []
+        if not self.rms.pre.v:  # V starts at the first g_z, as eagerly
+            self.pre.update(grads)
+        return self.rms.state(grads)
+
+    def stats(self) -> list[Tensor]:
+        out = []
+        for b in self.blocks:
+            st = b.ref.stats
+            out += [st.mean.to(b.device, b.dtype), st.var.to(b.device, b.dtype)]
+        return out
+
+    def _blocks_with(self, aux: list[Tensor]) -> list[Any]:
+        """Return copies of the blocks with the graph's ``r``, ``c`` and ``1/q`` (no leaks)."""
+        out = []
+        for i, (b, q2) in enumerate(zip(self.blocks, self.q2, strict=True)):
+            q = math.sqrt(q2)
+            r, c = aux[2 * i], aux[2 * i + 1]
+            out.append(dataclasses.replace(b, r=r, c=c, a=None, ca=None, q=q, q2=q2, iq=1 / q))
+        return out
+
+    def update(
+        self, state: list[Tensor], stats: list[Tensor], grads: list[Tensor], frozen: Tensor
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        pre, aux = self.pre, []
+        for i, b in enumerate(self.blocks):
+            mu, var = stats[2 * i], stats[2 * i + 1]
+            s2 = var + (var.amax() * pre.eps1 + pre.eps2)
+            r = s2.rsqrt()
+            c = mu * r
+            if not b.dense:
+                g, _, cin_g, _ = b.shape4
+                r, c = r.view(g, 1, cin_g, 1), c.view(g, 1, cin_g, 1)
+            aux += [r, c]
+        if self.rms is None:
+            return [], aux
+        gz = self._map(aux, grads, to_z=True)
+        state, rms_aux = self.rms.update(state, [], gz, frozen)
+        return state, aux + rms_aux
+
+    @staticmethod
+    def _dense(b: Any, w: Tensor, bias: Tensor | None, to_z: bool) -> tuple[Tensor, Any]:
+        """:meth:`BNP._to_z` / :meth:`BNP._from_z` of a dense layer, by broadcasting.
+
+        The same equations without ``addr`` / ``addmv``, which a compiler leaves as library
+        calls: this way they fuse with the rest of the update.
+        """
+        a, ca = BNP._scaled(b)
+        if bias is None:
+            return w * a, None
+        if to_z:  # z_w = (g_w - g_b mu) / (q s), z_b = g_b / q
+            return w * a - bias.unsqueeze(1) * ca, bias * b.iq
+        return w * a, bias * b.iq - (w * ca).sum(1)  # w = z_w / (q s), b = z_b / q - ...
+
+    def _map(self, aux: list[Tensor], values: list[Tensor], to_z: bool) -> list[Tensor]:
+        out = dict(zip(self.names, values, strict=True))
+        conv = BNP._to_z if to_z else BNP._from_z
+        for b in self._blocks_with(aux):
+            w, bname = b.ref.weight, b.ref.bias
+            bias = None if bname is None else out[bname]
+            nw, nb = self._dense(b, out[w], bias, to_z) if b.dense else conv(b, out[w], bias)
+            out[w] = nw
+            if bname is not None and nb is not None:
+                out[bname] = nb
+        return [out[n] for n in self.names]
+
+    def apply_t(self, aux: list[Tensor], values: list[Tensor]) -> list[Tensor]:
+        gz = self._map(aux, values, to_z=True)
+        if self.rms is None:
+            return gz
+        return self.rms.apply(aux[self.stats_size :], gz)
+
+    def apply(self, aux: list[Tensor], values: list[Tensor]) -> list[Tensor]:
+        if self.rms is not None:
+            values = self.rms.apply(aux[self.stats_size :], values)
+        return self._map(aux, values, to_z=False)
+
+    def observe(
+        self, stats: list[Tensor], inputs: list[list[Tensor]], frozen: Tensor
+    ) -> list[Tensor]:
+        out = []
+        for i, (b, st, seen) in enumerate(zip(self.blocks, self.running, inputs, strict=True)):
+            mean, var = stats[2 * i], stats[2 * i + 1]
+            for h in seen:
+                x, n, spatial = st._batch(h.detach())
+                if (n, spatial) != (st.batch_size, st.spatial_size):
+                    raise CompileUnsupported(
+                        f"BNP layer {b.ref.name!r} saw a batch of {n} x {spatial} while "
+                        f"tracing, {st.batch_size} x {st.spatial_size} before"
+                    )
+                new_mean, new_var, _, _ = st.fold(mean, var, x, True)
+                keep = ~frozen & torch.isfinite(new_var.amax())
+                mean = torch.where(keep, new_mean, mean)
+                var = torch.where(keep, new_var, var)
+            out += [mean, var]
+        return out
+
+    def set_stats(self, stats: list[Tensor]) -> None:
+        """Put ``stats`` into the layers' statistics."""
+        for i, b in enumerate(self.blocks):
+            st = b.ref.stats
+            st.mean, st.var = stats[2 * i], stats[2 * i + 1]
+            b.fresh = False  # BNP derives r and c from the statistics when it is asked again
+
+    def store(self, state: list[Tensor], stats: list[Tensor], aux: list[Tensor]) -> None:
+        self.set_stats(stats)
+        if self.rms is not None:
+            self.rms.store(state, [], aux[self.stats_size :])
+
+    def count_batches(self, accepted: int) -> None:
+        for st in self.running:
+            if not st.frozen:
+                st.num_batches += accepted
+
+
 _FUNCTIONAL: dict[type, type] = {Preconditioner: _IdentityState, Identity: _IdentityState}
 _FUNCTIONAL[RMSprop] = _RMSpropState
+_FUNCTIONAL[BNP] = _BNPState
+
+
+class _Capture:
+    """Forward pre-hook used while tracing: keeps the layer's input (a traced tensor)."""
+
+    def __init__(self, seen: list[Tensor]) -> None:
+        self.seen = seen
+
+    def __call__(self, module: Any, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor):
+            self.seen.append(args[0])
 
 
 @contextmanager
@@ -182,10 +402,10 @@ class CompiledUpdate:
         if functional is None:
             raise CompileUnsupported(
                 f"the preconditioner {pre.name!r} ({type(pre).__name__}) has no compiled form "
-                "yet (compiled: 'identity' and 'rmsprop')"
+                "yet (compiled: 'identity', 'rmsprop', 'bnp' and 'bnp+rmsprop')"
             )
-        if kernel.hooks is not None:
-            raise CompileUnsupported("layer statistics (BNP's hooks) are not compiled yet")
+        if kernel.hooks is not None and functional is not _BNPState:
+            raise CompileUnsupported("layer statistics of a preconditioner other than BNP")
         if pot.own_plates:
             raise CompileUnsupported(
                 f"the model subsamples plates {sorted(pot.own_plates)} itself (a random draw "
@@ -202,7 +422,7 @@ class CompiledUpdate:
         self.plates = sorted(pot.plates)
         self.integrator: str = kernel._integrator()
         self.noise = kernel.temperature > 0.0
-        self.functional = functional(pre, self.names)
+        self.functional = functional(pre, self.names, kernel)
         leaves, self._spec = tree_flatten((pot.args, pot.kwargs))
         self._tensor_pos = [i for i, v in enumerate(leaves) if isinstance(v, Tensor)]
         self._leaves = leaves
@@ -223,6 +443,11 @@ class CompiledUpdate:
         self._fn: Callable[..., Any] | None = None
         self._graphs: dict[Any, Any] = {}
         self._key: tuple[Any, ...] = ()
+        # per BNP layer: its inputs in one forward pass, filled by hooks while tracing only
+        self._inputs: list[list[Tensor]] = [[] for _ in self.functional.modules]
+        # the preconditioner's state after the last update of a draw (stored once per draw)
+        self._out_state: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
+        self._accepted = 0  # accepted updates of the draw (host checks; BNP counts batches)
 
     def key(self) -> tuple[Any, ...]:
         """Return what the graph depends on besides its inputs' values (retrace if it differs)."""
@@ -239,6 +464,7 @@ class CompiledUpdate:
             self.host_checks,
             repr(sorted(self.options.items())),
             kernel.max_abs_param,
+            self.functional.key(),
             tuple((n, tuple(v.shape), v.dtype, v.device) for n, v in sorted(chain.z.items())),
             tuple(sorted(pot.plates.items())),
             tuple(sorted(pot.fast_sites)),
@@ -255,11 +481,13 @@ class CompiledUpdate:
     # ------------------------------------------------------------------ the graph
     def _body(self, *flat: Tensor) -> tuple[Tensor, ...]:
         """Make one update as a pure function of flat tensors (traced, never run eagerly)."""
-        n, s = len(self.names), self.functional.size
+        fn = self.functional
+        n, s = len(self.names), fn.size
         it = iter(flat)
         z = [next(it) for _ in range(n)]
         g = [next(it) for _ in range(n)]
         state = [next(it) for _ in range(s)]
+        stats = [next(it) for _ in range(fn.stats_size)]
         xi = [next(it) for _ in range(n)] if self.noise else []
         m = [next(it) for _ in range(n)] if self.integrator == "sghmc" else []
         idx = [next(it) for _ in self.plates]
@@ -272,18 +500,21 @@ class CompiledUpdate:
         pot: MinibatchPotential = self.kernel.potential
         names, plates = self.names, self.plates
 
-        def neg_log_joint(zs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        def neg_log_joint(zs: list[Tensor]) -> tuple[Tensor, tuple[Tensor, list[Tensor]]]:
+            for seen in self._inputs:
+                seen.clear()
             lp = pot.log_joint(
                 dict(zip(names, zs, strict=True)),
                 dict(zip(plates, idx, strict=True)),
                 args,
                 kwargs,
             )
-            return -lp, lp
+            # the layer inputs of this forward pass (trace-time hooks), folded in the graph
+            return -lp, (lp, fn.observe(stats, self._inputs, frozen))
 
-        state, aux = self.functional.update(state, g, frozen)
+        state, aux = fn.update(state, stats, g, frozen)
         c = coef.to(self.dtype)
-        at_g = self.functional.apply(aux, g)
+        at_g = fn.apply_t(aux, g)
         # u = s xi - k A^T g (s: noise scale, k: drift coefficient)
         if xi:
             u = [x * c[0] - c[1] * a for x, a in zip(xi, at_g, strict=True)]
@@ -291,18 +522,18 @@ class CompiledUpdate:
             u = [-c[1] * a for a in at_g]
         if self.integrator == "sghmc":  # m' = decay m + u, theta' = theta + h A m'
             m_new = [mm * c[2] + uu for mm, uu in zip(m, u, strict=True)]
-            step = [c[3] * w for w in self.functional.apply(aux, m_new)]
+            step = [c[3] * w for w in fn.apply(aux, m_new)]
         else:  # theta' = theta + A u
             m_new = []
-            step = self.functional.apply(aux, u)
+            step = fn.apply(aux, u)
         zn = [zz + w for zz, w in zip(z, step, strict=True)]
-        grads, (_, lp) = torch.func.grad_and_value(neg_log_joint, has_aux=True)(zn)
+        grads, (_, (lp, new_stats)) = torch.func.grad_and_value(neg_log_joint, has_aux=True)(zn)
         # one reduction per tensor: amax propagates NaN and inf, so is finite iff every entry is
         max_abs = torch.stack([v.abs().amax() for v in zn]).max()
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in grads]))
         if self.host_checks:  # the host selects: no pass over the parameters to select
             report = torch.stack([lp.double(), gnorm.double(), max_abs.double()])
-            return (*zn, *grads, *state, *aux, *m_new, report)
+            return (*zn, *grads, *state, *new_stats, *aux, *m_new, report)
         z_finite, g_finite = torch.isfinite(max_abs), torch.isfinite(gnorm)
         boom_before = flags[_BOOM] > 0
         too_big = z_finite & (max_abs > self.kernel.max_abs_param)
@@ -311,9 +542,10 @@ class CompiledUpdate:
         z_out = [torch.where(ok, a, b) for a, b in zip(zn, z, strict=True)]
         g_out = [torch.where(ok, a, b) for a, b in zip(grads, g, strict=True)]
         m_out = [torch.where(ok, a, torch.zeros_like(a)) for a in m_new]
-        # a new draw starts its maximum, divergence flag, explosion record and count afresh
+        stats_out = [torch.where(ok, a, b) for a, b in zip(new_stats, stats, strict=True)]
+        # a new draw starts its maximum, divergence flag, explosion record and counts afresh
         fresh = torch.stack(
-            [flags[_RIR], flags[_RIR], *flags.new_tensor([0.0, 0.0, 0.0, -1.0, 0.0])]
+            [flags[_RIR], flags[_RIR], *flags.new_tensor([0.0, 0.0, 0.0, -1.0, 0.0, 0.0])]
         )
         f = torch.cat([torch.where(first, fresh, flags[:_LP]), flags[_LP:]])
         rir = torch.where(ok, torch.zeros_like(f[_RIR]), f[_RIR] + 1.0)
@@ -326,23 +558,35 @@ class CompiledUpdate:
                 torch.where(boom, max_abs.double(), f[_BOOM_VAL]),
                 torch.where(boom, f[_COUNT], f[_BOOM_AT]),
                 f[_COUNT] + 1.0,
+                f[_ACC] + ok.double(),
                 torch.where(ok, lp.double(), f[_LP]),
                 torch.where(ok, gnorm.double(), f[_GNORM]),
             ]
         )
-        return (*z_out, *g_out, *state, *aux, *m_out, new_flags)
+        return (*z_out, *g_out, *state, *stats_out, *aux, *m_out, new_flags)
 
     def _build(self, example: list[Any]) -> Callable[..., Any]:
         pot: MinibatchPotential = self.kernel.potential
         priors = [site.prior for site in pot._module_sites.values()]
         t0 = time.perf_counter()
+        handles = [
+            module.register_forward_pre_hook(_Capture(seen))
+            for module, seen in zip(self.functional.modules, self._inputs, strict=True)
+        ]
         try:
             with pyro.validation_enabled(False), _priors_unvalidated(priors):
                 gm = make_fx(self._body, tracing_mode="real")(*example)
+        except CompileUnsupported:
+            raise
         except Exception as exc:  # noqa: BLE001 (any tracing failure means: stay eager)
             raise CompileUnsupported(
                 f"tracing the update with make_fx failed: {type(exc).__name__}: {exc}"
             ) from exc
+        finally:
+            for handle in handles:
+                handle.remove()
+            for seen in self._inputs:
+                seen.clear()
         self.trace_seconds = time.perf_counter() - t0
         if self.mode == "trace":
             return gm
@@ -388,13 +632,12 @@ class CompiledUpdate:
             At the first update, if tracing failed or the compiled log density and gradient
             disagree with the eager potential's (the chain is left at a valid, evaluated state).
         """
-        kernel, pot, fn = self.kernel, self.kernel.potential, self.functional
-        names = self.names
+        kernel, fn, names = self.kernel, self.functional, self.names
         if self._flags is None or self._last != (chain.lp, chain.gnorm, chain.rejected_in_row):
             # the chain changed outside this object (a start, a resume, an eager update)
             rir = chain.rejected_in_row
             self._flags = torch.tensor(
-                [rir, rir, 0, 0, 0, -1, 0, chain.lp, chain.gnorm],
+                [rir, rir, 0, 0, 0, -1, 0, 0, chain.lp, chain.gnorm],
                 dtype=torch.float64,
                 device=self.device,
             )
@@ -405,9 +648,40 @@ class CompiledUpdate:
             pre = kernel.preconditioner
             undo = (chain.rng.get_state(), dict(chain.perms), dict(chain.pos), pre.state_dict())
         state = fn.state(chain.grads)
+        stats = fn.stats()
         z = [chain.z[n] for n in names]
         g = [chain.grads[n] for n in names]
         frozen = self._bool[bool(kernel.preconditioner.frozen)]
+        try:
+            diverging = self._loop(chain, num_updates, undo, state, stats, z, g, frozen, flags)
+        finally:  # the preconditioner's state as of the last update made, once per draw
+            if self._out_state is not None:
+                fn.store(*self._out_state)
+                self._out_state = None
+            fn.count_batches(self._accepted)
+            self._accepted = 0
+        if self.host_checks:
+            return diverging
+        return self._finish(chain, self._flags.tolist(), t0)
+
+    def _loop(
+        self,
+        chain: ChainState,
+        num_updates: int,
+        undo: tuple[Any, ...] | None,
+        state: list[Tensor],
+        stats: list[Tensor],
+        z: list[Tensor],
+        g: list[Tensor],
+        frozen: Tensor,
+        flags: Tensor,
+    ) -> bool:
+        """Make the updates of :meth:`run`.
+
+        The last state goes to ``_out_state``, the counters to ``_flags`` (device checks) or
+        ``_accepted`` (host checks).
+        """
+        kernel, pot, fn, names = self.kernel, self.kernel.potential, self.functional, self.names
         diverging = False
         for i in range(num_updates):
             eps = chain.eps = kernel._step_size_at(chain.t)
@@ -422,6 +696,7 @@ class CompiledUpdate:
                 *z,
                 *g,
                 *state,
+                *stats,
                 *(xi[n] for n in names),
                 *m,
                 *(idx[p] for p in self.plates),
@@ -445,27 +720,35 @@ class CompiledUpdate:
             z, g = list(out[:k]), list(out[k : 2 * k])
             rest = list(out[2 * k :])
             state, rest = rest[: fn.size], rest[fn.size :]
+            new_stats, rest = rest[: fn.stats_size], rest[fn.stats_size :]
             aux, rest = rest[: len(rest) - 1 - len(m)], rest[len(rest) - 1 - len(m) :]
             chain.t += 1
-            fn.store(state, aux)
+            old_stats = stats
             if self.host_checks:
+                self._out_state = (state, stats, aux)  # V changes even when rejected
                 accepted = self._host_check(chain, z, g, rest, m)
                 diverging = not accepted or diverging
-                z, g = [chain.z[n] for n in names], [chain.grads[n] for n in names]
-                if accepted and not self.verified:
-                    self._verify(chain, idx, None)
+                if not accepted:
+                    z, g = [chain.z[n] for n in names], [chain.grads[n] for n in names]
+                    continue
+                stats = new_stats
+                self._out_state = (state, stats, aux)
+                self._accepted += 1
+                if not self.verified:
+                    fn.store(state, stats, aux)
+                    self._verify(chain, idx, None, old_stats)
                 continue
-            flags = rest[-1]
+            stats = new_stats
+            self._out_state = (state, stats, aux)
+            self._flags = flags = rest[-1]
             chain.z = dict(zip(names, z, strict=True))
             chain.grads = dict(zip(names, g, strict=True))
             if m:
                 chain.aux["momentum"] = dict(zip(names, rest[:-1], strict=True))
             if not self.verified:
-                self._verify(chain, idx, flags)
-        if self.host_checks:
-            return diverging
-        self._flags = flags
-        return self._finish(chain, flags.tolist(), t0)
+                fn.store(state, stats, aux)
+                self._verify(chain, idx, flags, old_stats)
+        return diverging
 
     def _host_check(
         self,
@@ -499,13 +782,34 @@ class CompiledUpdate:
         chain.reject(kernel.max_rejections, name, kernel.suggest_step_size)
         return False
 
-    def _verify(self, chain: ChainState, idx: Mapping[str, Tensor], flags: Tensor | None) -> None:
-        """Compare the first accepted update's log density and gradient with the eager ones."""
+    def _verify(
+        self,
+        chain: ChainState,
+        idx: Mapping[str, Tensor],
+        flags: Tensor | None,
+        stats_before: list[Tensor],
+    ) -> None:
+        """Compare the first accepted update with the eager potential and layer hooks.
+
+        The log density, the gradient and, with BNP, the layer statistics (the eager hooks fold
+        the same batch into the statistics from before the update).
+        """
         if flags is not None and flags[_DIV] > 0:  # rejected: nothing to compare; try the next
             return
-        pot = self.kernel.potential
+        kernel, pot, fn = self.kernel, self.kernel.potential, self.functional
+        stats_after = fn.stats()
+        hooks = kernel.hooks if fn.stats_size and not kernel.preconditioner.frozen else None
+        if hooks is not None:
+            snapshot = hooks.snapshot()
+            fn.set_stats(stats_before)  # the eager forward pass folds the batch into these
         with pyro.validation_enabled(False):
-            lp, grads = pot(chain.z, idx)
+            lp, grads = pot(chain.z, idx, hooks=hooks)
+        stats_err = 0.0
+        if hooks is not None:
+            for a, b in zip(fn.stats(), stats_after, strict=True):
+                scale = float(torch.linalg.vector_norm(a)) + 1e-30
+                stats_err = max(stats_err, float(torch.linalg.vector_norm(a - b)) / scale)
+            hooks.restore(snapshot)
         lp_c = chain.lp if flags is None else float(flags[_LP])
         # float32: eager itself is 1e-4 to 5e-4 (per site, relative) from the float64 gradient
         # on ResNet-20 and inductor's fused kernels about 1e-3 (measured; docs/usage.md), so the
@@ -521,11 +825,11 @@ class CompiledUpdate:
         chain.lp, chain.grads = lp, grads
         if flags is not None:
             flags[_LP] = lp
-        if not (lp_err <= tol and worst <= gtol):
+        if not (lp_err <= tol and worst <= gtol and stats_err <= tol):
             raise CompileUnsupported(
-                "the compiled log density or gradient disagrees with the eager potential's "
-                f"(relative errors: lp {lp_err:.3g}, gradient {worst:.3g}; tolerances {tol:g}, "
-                f"{gtol:g})"
+                "the compiled log density, gradient or layer statistics disagree with the eager "
+                f"potential's (relative errors: lp {lp_err:.3g}, gradient {worst:.3g}, "
+                f"statistics {stats_err:.3g}; tolerances {tol:g}, {gtol:g}, {tol:g})"
             )
         self.verified = True
 
@@ -533,6 +837,7 @@ class CompiledUpdate:
         kernel = self.kernel
         chain.lp, chain.gnorm = rep[_LP], rep[_GNORM]
         chain.rejected_in_row = int(rep[_RIR])
+        self.functional.count_batches(int(rep[_ACC]))
         self._last = (chain.lp, chain.gnorm, chain.rejected_in_row)
         if rep[_BOOM] > 0:
             update = t0 + int(rep[_BOOM_AT]) + 1

@@ -433,7 +433,7 @@ class SGMCMC(MCMCKernel):
         self._stats.record(chain, diverging, warmup=chain.draw <= self._warmup_steps)
         if self._monitor is not None:
             state, advice = self.preconditioner.health, self.preconditioner.advice
-            for message in self._monitor.observe(chain, diverging, state(), advice):
+            for message in self._monitor.observe(chain, diverging, state, advice):
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
         return out
 

@@ -164,20 +164,56 @@ class RunningInputStats:
         # detached and running tensors that require gradients are detached below, so no op
         # here is recorded by autograd.
         x, n, spatial = self._batch(h.detach())
-        mean, var = self.mean, self.var
         fold = self.num_batches > 0 or self.init != "batch"
+        ones = self._row_weights(x) if self.spatial_dims == 0 and n > 1 else None
+        new_mean, new_var, mean_b, var_b = self.fold(self.mean, self.var, x, fold, ones)
+        # One reduction and one sync per batch: the largest new variance, which BNP needs
+        # anyway (the floor ``eps1 * max(var)``; see :meth:`var_max`). It is finite exactly
+        # when every new mean and variance is: a non-finite batch mean makes every deviation
+        # from it, hence the batch variance, non-finite; and averaging finite running values
+        # with a finite batch value stays finite. If it is not finite, decide on the batch
+        # alone (rare): a non-finite batch is skipped; a finite one is folded in as before
+        # (then the running values were non-finite already, e.g. loaded so).
+        vmax = float(new_var.max())
+        if not math.isfinite(vmax):
+            if var_b is None:  # dense, folded: the batch's own variance
+                var_b = (x - mean_b).square().mean(0)
+            if not bool(torch.isfinite(mean_b + var_b).all()):
+                self.num_skipped += 1
+                return
+        self.mean, self.var = new_mean, new_var
+        self._var_max = (new_var, new_var._version, vmax)
+        self.batch_size = n
+        self.spatial_size = spatial
+        self.num_batches += 1
+
+    def fold(
+        self, mean: Tensor, var: Tensor, x: Tensor, fold: bool, ones: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Return the running ``(mean, var)`` with the batch ``x`` folded in (pure: no state).
+
+        ``x`` is :meth:`observe`'s validated batch (``[N, in]`` or ``[N, C, *space]``);
+        ``fold=False`` takes the batch's moments as they are (the first batch under
+        ``init="batch"``); ``ones``, ``[1/N] * N``, makes dense averages matrix-vector
+        products (fast eagerly; None: plain reductions, for the compiled update). Also
+        returns the batch mean and, where it was formed, the batch variance (None when it was
+        folded into the running one in the same op). The compiled update
+        (:mod:`pyro_bnp.compiled`) calls it on traced tensors; :meth:`observe` on real ones.
+        """
         if fold:
             if mean.dtype != x.dtype or mean.device != x.device or mean.requires_grad:
                 mean = mean.detach().to(dtype=x.dtype, device=x.device)
             if var.dtype != x.dtype or var.device != x.device or var.requires_grad:
                 var = var.detach().to(dtype=x.dtype, device=x.device)
         w = 1.0 - self.rho
+        n = x.shape[0]
+        spatial = math.prod(int(k) for k in x.shape[2:]) if self.spatial_dims else 1
         var_b: Tensor | None = None
         if n * spatial == 1:
             # one value per feature: deviation from the running mean before this update (zero
             # before the first batch); a copy, so the statistics never alias the input
             mean_b = x.reshape(self.num_features).clone()
-            prev = self.mean
+            prev = mean if fold else self.mean
             if prev.dtype != x.dtype or prev.device != x.device:
                 prev = prev.to(dtype=x.dtype, device=x.device)
             var_b = (mean_b - prev).square()
@@ -188,13 +224,17 @@ class RunningInputStats:
             # ``beta = rho``). On CPU ``torch.var_mean`` over dim 0 of a [128, 784] input took
             # 656 us against 34 us for two plain reductions; ``mv`` is faster still for small
             # inputs (one op instead of a sum and a division).
-            ones = self._row_weights(x)
-            mean_b = torch.mv(x.T, ones)
-            dev2_t = (x - mean_b).square_().T
-            if fold:
-                new_var = torch.addmv(var, dev2_t, ones, beta=self.rho, alpha=w)
+            if ones is None:  # plain reductions: a compiler fuses them into one kernel
+                mean_b = x.mean(0)
+                var_b = (x - mean_b).square().mean(0)
+                new_var = torch.lerp(var, var_b, w) if fold else var_b
             else:
-                new_var = var_b = torch.mv(dev2_t, ones)
+                mean_b = torch.mv(x.T, ones)
+                dev2_t = (x - mean_b).square_().T
+                if fold:
+                    new_var = torch.addmv(var, dev2_t, ones, beta=self.rho, alpha=w)
+                else:
+                    new_var = var_b = torch.mv(dev2_t, ones)
         else:
             dims = (0, *range(2, self.spatial_dims + 2))
             mean4 = x.mean(dim=dims, keepdim=True)
@@ -202,25 +242,7 @@ class RunningInputStats:
             mean_b = mean4.view(self.num_features)
             new_var = torch.lerp(var, var_b, w) if fold else var_b
         new_mean = torch.lerp(mean, mean_b, w) if fold else mean_b
-        # One reduction and one sync per batch: the largest new variance, which BNP needs
-        # anyway (the floor ``eps1 * max(var)``; see :meth:`var_max`). It is finite exactly
-        # when every new mean and variance is: a non-finite batch mean makes every deviation
-        # from it, hence the batch variance, non-finite; and averaging finite running values
-        # with a finite batch value stays finite. If it is not finite, decide on the batch
-        # alone (rare): a non-finite batch is skipped; a finite one is folded in as before
-        # (then the running values were non-finite already, e.g. loaded so).
-        vmax = float(new_var.max())
-        if not math.isfinite(vmax):
-            if var_b is None:
-                var_b = torch.mv(dev2_t, ones)
-            if not bool(torch.isfinite(mean_b + var_b).all()):
-                self.num_skipped += 1
-                return
-        self.mean, self.var = new_mean, new_var
-        self._var_max = (new_var, new_var._version, vmax)
-        self.batch_size = n
-        self.spatial_size = spatial
-        self.num_batches += 1
+        return new_mean, new_var, mean_b, var_b
 
     def var_max(self) -> float:
         """Return ``max(var)`` as a float (cached by :meth:`observe`, computed otherwise).

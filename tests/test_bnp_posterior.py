@@ -44,8 +44,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "freeze", "eps", "max_bound"), CASES)
-def test_bnp_conjugate_regression(seed, kind, freeze, eps, max_bound):
+# the compiled update (``compile="trace"``: the traced graph) on the same protocol
+COMPILED_CASES = [(*CASES[1], "trace"), (*CASES[2], "trace")]
+
+
+@pytest.mark.parametrize(
+    ("kind", "freeze", "eps", "max_bound", "compile"),
+    [(*c, False) for c in CASES] + COMPILED_CASES,
+)
+def test_bnp_conjugate_regression(seed, kind, freeze, eps, max_bound, compile):
     n, batch, prior, noise = 2000, 100, 10.0, 1.0
     x, y = badly_scaled_features(n, scales=[0.3, 1.0, 3.0], means=[1.0, -2.0, 3.0])
     pre = _bnp(kind, freeze)
@@ -54,11 +61,14 @@ def test_bnp_conjugate_regression(seed, kind, freeze, eps, max_bound):
         step_size=eps,
         subsample_size={"data": batch},
         preconditioner=pre,
+        compile=compile,
     )
     warm = 6000 if pre.rmsprop is not None else 3000  # V starts from the first, large gradient
     mcmc = MCMC(kernel, num_samples=4000, warmup_steps=warm, disable_progbar=True)
     mcmc.run(x, y)
     assert [layer.name for layer in kernel.layers] == ["linear"]
+    if compile:
+        assert kernel._compiled is not None and kernel._compiled.verified
     # Without freezing M drifts slowly with the running statistics: the bound uses its last value.
     _conjugate_check(
         _draws(mcmc), x, y, prior, noise, eps, batch, m=_bnp_matrix(pre), max_bound=max_bound

@@ -18,7 +18,7 @@ from pyro.infer import MCMC
 from sgld_models import badly_scaled_features, conjugate_linreg, gaussian_target, linreg
 from test_exact_posteriors import _check_variance_law, _conjugate_check, _stack
 
-from pyro_bnp import SGHMC, SGLD, RMSprop
+from pyro_bnp import BNP, SGHMC, SGLD, RMSprop
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -171,17 +171,94 @@ def test_pyromodule_cache_path_traced_equals_eager():
     assert _max_rel(runs[1], runs[0]) < 1e-10
 
 
-def test_bnp_falls_back_with_a_warning_under_true_and_silently_under_auto():
+def test_unsupported_preconditioner_warns_under_true_and_is_silent_under_auto():
+    """BNP(prior_cap=...) has no compiled form: a named warning under True, none under "auto",
+    and the chain is the eager one."""
     x, y = torch.randn(64, 3, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="'bnp'.*no compiled form"):
-        _, k = _draws(SGLD(LinearRegression(3), 1e-4, compile=True), x, y, num_samples=5)
+
+    def kernel(comp):
+        return SGLD(LinearRegression(3), 1e-4, preconditioner=BNP(prior_cap=1.0), compile=comp)
+
+    with pytest.warns(RuntimeWarning, match=r"prior_cap=\.\.\.\) has no compiled form"):
+        _, k = _draws(kernel(True), x, y, num_samples=5)
     assert k._compiled is None
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="compile:")
-        eager, _ = _draws(SGLD(LinearRegression(3), 1e-4), x, y, num_samples=5)
-        auto, _ = _draws(SGLD(LinearRegression(3), 1e-4, compile="auto"), x, y, num_samples=5)
+        eager, _ = _draws(kernel(False), x, y, num_samples=5)
+        auto, _ = _draws(kernel("auto"), x, y, num_samples=5)
     for name in eager:
         assert torch.equal(auto[name], eager[name])
+
+
+def _bnp_run(cls, pre, comp, checks="host", num_samples=1000, warmup_steps=0, **kw):
+    from test_devices import MLP
+
+    x, y = _data()
+    # (SGHMC moves this network's first layer ~10 prior sds out: the health check would warn)
+    extra = {"friction": 5.0, "health": None} if cls is SGHMC else {}
+    step = 1e-4 if cls is SGLD else 1e-3
+    opts = {"checks": checks} if comp else None
+    k = cls(MLP("cpu", torch.float32), step, subsample_size={"data": 40}, preconditioner=pre,
+            compile=comp, compile_options=opts, **extra, **kw)  # fmt: skip
+    samples, _ = _draws(k, x, y, num_samples=num_samples, warmup_steps=warmup_steps)
+    layers = {n: (b.ref.stats.mean.clone(), b.ref.stats.var.clone(), b.ref.stats.num_batches)
+              for n, b in pre._blocks.items()}  # fmt: skip
+    return samples, layers, k
+
+
+@pytest.mark.parametrize("cls", [SGLD, SGHMC], ids=["sgld", "sghmc"])
+@pytest.mark.parametrize("rms", [False, True], ids=["bnp", "bnp+rmsprop"])
+@pytest.mark.parametrize("checks", ["host", "device"])
+def test_bnp_traced_chain_equals_eager_chain(cls, rms, checks):
+    """BNP's layer statistics are graph state: over 1000 updates of a 3-8-1 network the draws
+    and the running statistics of both layers follow the eager chain within float32 rounding,
+    and the same number of batches is folded in."""
+    runs = [
+        _bnp_run(cls, BNP(rmsprop=RMSprop() if rms else None), comp, checks)
+        for comp in (False, "trace")
+    ]
+    (se, le, _), (st, lt, k) = runs
+    assert k._compiled is not None and k._compiled.verified
+    assert _max_rel(st, se) < 1e-4, _max_rel(st, se)
+    for name, (mean, var, count) in le.items():
+        assert lt[name][2] == count == 1001
+        assert float((lt[name][0] - mean).abs().max() / mean.abs().max()) < 1e-4
+        assert float((lt[name][1] - var).abs().max() / var.abs().max()) < 1e-4
+
+
+def test_bnp_frozen_after_warmup_traced_equals_eager():
+    """The frozen flag stops the statistics (and BNP+RMSprop's V) at the end of warmup."""
+    runs = [
+        _bnp_run(
+            SGLD,
+            BNP(rmsprop=RMSprop(), freeze_after_warmup=True),
+            comp,
+            "device",
+            num_samples=200,
+            warmup_steps=100,
+        )  # fmt: skip
+        for comp in (False, "trace")
+    ]
+    (se, le, _), (st, lt, k) = runs
+    assert k.preconditioner.frozen and k._compiled is not None
+    assert _max_rel(st, se) < 1e-4
+    for name, (mean, _, count) in le.items():
+        assert lt[name][2] == count == 101  # the first evaluation and 100 warmup updates
+        assert float((lt[name][0] - mean).abs().max() / mean.abs().max()) < 1e-4
+
+
+def test_bnp_statistics_that_disagree_with_the_hooks_fall_back(monkeypatch):
+    """The first accepted update's layer statistics are checked against the eager hooks'
+    (the same batch folded into the same statistics): 5 % off warns and runs eagerly."""
+    from pyro_bnp.compiled import _BNPState
+
+    observe = _BNPState.observe
+    monkeypatch.setattr(
+        _BNPState, "observe", lambda self, *a: [1.05 * t for t in observe(self, *a)]
+    )
+    with pytest.warns(RuntimeWarning, match=r"statistics 0\.0"):
+        _, _, k = _bnp_run(SGLD, BNP(), "trace", num_samples=20)
+    assert k._compiled is None
 
 
 def _reads_a_float(x, y):
@@ -212,7 +289,7 @@ def test_a_graph_that_disagrees_with_the_eager_potential_falls_back(monkeypatch)
     eager, _ = _draws(SGLD(linreg, 1e-4, **opts), x, y, num_samples=50)
     log_joint = MinibatchPotential.log_joint
     monkeypatch.setattr(MinibatchPotential, "log_joint", lambda *a, **k: 1.05 * log_joint(*a, **k))
-    with pytest.warns(RuntimeWarning, match=r"disagrees with the eager potential's .*lp 0\.0"):
+    with pytest.warns(RuntimeWarning, match=r"disagree with the eager potential's .*lp 0\.0"):
         out, k = _draws(SGLD(linreg, 1e-4, compile="trace", **opts), x, y, num_samples=50)
     assert k._compiled is None
     assert _max_rel(out, eager) < 1e-4

@@ -119,18 +119,22 @@ def test_chain_lives_on_the_device(device, dtype, sampler, pre):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sampler", [SGLD, SGHMC], ids=["sgld", "sghmc"])
-def test_resume_on_the_device_equals_an_uninterrupted_chain(device, sampler):
-    """Bit for bit on one device: the generator state and the permutation travel with it."""
+@pytest.mark.parametrize("freeze", [False, True], ids=["running", "frozen"])
+def test_resume_on_the_device_equals_an_uninterrupted_chain(device, sampler, freeze):
+    """Bit for bit on one device: the generator state and the permutation travel with it; a
+    BNP frozen after warmup continues with the same M (derived from the frozen statistics)."""
     x, y = _data(device, torch.float32)
     extra = {"friction": 5.0} if sampler is SGHMC else {}
+    warm = 10 if freeze else 0
 
     def kernel():
+        pre = BNP(rmsprop=RMSprop(), freeze_after_warmup=freeze)
         return sampler(MLP(device, torch.float32), 1e-4, subsample_size={"data": 40},
-                       preconditioner=BNP(rmsprop=RMSprop()), **extra)  # fmt: skip
+                       preconditioner=pre, **extra)  # fmt: skip
 
-    full = _run(kernel(), x, y, num_samples=40, warmup_steps=0).get_samples()
+    full = _run(kernel(), x, y, num_samples=40, warmup_steps=warm).get_samples()
     first = kernel()
-    head = _run(first, x, y, num_samples=20, warmup_steps=0).get_samples()
+    head = _run(first, x, y, num_samples=20, warmup_steps=warm).get_samples()
     second = kernel()
     second.load_state_dict(first.state_dict())
     tail = _run(second, x, y, num_samples=20, warmup_steps=0, seed=99).get_samples()
