@@ -129,6 +129,8 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.trace_struct import Trace
 from torch import Tensor
 
+from pyro_bnp._validate import positive_int
+
 __all__ = ["from_pyro"]
 
 # Elements (draws x pointwise log-likelihood terms) evaluated in one vectorised model run: small
@@ -320,7 +322,7 @@ def from_pyro(
         else:
             mcmc = posterior
     if num_chains is not None:
-        num_chains = _check_count("num_chains", num_chains)
+        num_chains = positive_int("num_chains", num_chains)
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if posterior_predictive is not None and not isinstance(posterior_predictive, (bool, Mapping)):
@@ -504,12 +506,6 @@ def from_pyro(
 # --------------------------------------------------------------------------------------------
 # draws given as arrays
 # --------------------------------------------------------------------------------------------
-
-
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _draw_group(

@@ -107,6 +107,10 @@ class _IdentityState:
     def apply_t(self, aux: list[Tensor], values: list[Tensor]) -> list[Tensor]:
         return self.apply(aux, values)
 
+    def export(self, aux: list[Tensor]) -> list[Tensor]:
+        """Return the part of ``aux`` that :meth:`store` needs (graph outputs cost memory)."""
+        return aux
+
     def observe(
         self, stats: list[Tensor], inputs: list[list[Tensor]], frozen: Tensor
     ) -> list[Tensor]:
@@ -320,10 +324,13 @@ class _BNPState(_IdentityState):
             st.mean, st.var = stats[2 * i], stats[2 * i + 1]
             b.fresh = False  # BNP derives r and c from the statistics when it is asked again
 
+    def export(self, aux: list[Tensor]) -> list[Tensor]:
+        return aux[self.stats_size :]  # RMSprop's (r and c are derived again when needed)
+
     def store(self, state: list[Tensor], stats: list[Tensor], aux: list[Tensor]) -> None:
         self.set_stats(stats)
         if self.rms is not None:
-            self.rms.store(state, [], aux[self.stats_size :])
+            self.rms.store(state, [], aux)
 
     def count_batches(self, accepted: int) -> None:
         for st in self.running:
@@ -533,7 +540,7 @@ class CompiledUpdate:
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in grads]))
         if self.host_checks:  # the host selects: no pass over the parameters to select
             report = torch.stack([lp.double(), gnorm.double(), max_abs.double()])
-            return (*zn, *grads, *state, *new_stats, *aux, *m_new, report)
+            return (*zn, *grads, *state, *new_stats, *fn.export(aux), *m_new, report)
         z_finite, g_finite = torch.isfinite(max_abs), torch.isfinite(gnorm)
         boom_before = flags[_BOOM] > 0
         too_big = z_finite & (max_abs > self.kernel.max_abs_param)
@@ -563,7 +570,7 @@ class CompiledUpdate:
                 torch.where(ok, gnorm.double(), f[_GNORM]),
             ]
         )
-        return (*z_out, *g_out, *state, *stats_out, *aux, *m_out, new_flags)
+        return (*z_out, *g_out, *state, *stats_out, *fn.export(aux), *m_out, new_flags)
 
     def _build(self, example: list[Any]) -> Callable[..., Any]:
         pot: MinibatchPotential = self.kernel.potential

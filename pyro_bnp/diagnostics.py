@@ -67,6 +67,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from pyro_bnp._validate import positive_int
 from pyro_bnp.bnp import balance_factor, floored_variance
 from pyro_bnp.preconditioners import InputStatistics
 
@@ -904,19 +905,9 @@ __all__ += ["ksd"]
 DEFAULT_KSD_BLOCK = 1024
 
 
-def _positive_int(name: str, value: Any) -> int:
-    """Return ``value`` as an int if it is a positive integer (not a bool), else raise."""
-    if isinstance(value, bool) or isinstance(value, float) or not hasattr(value, "__index__"):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    out = int(value.__index__())
-    if out < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return out
-
-
 def _ksd_inputs(draws: Tensor, scores: Tensor, thin: int) -> tuple[Tensor, Tensor]:
     """Check ``draws`` and ``scores`` (``[n, d]``, same shape) and return them thinned, in f64."""
-    thin = _positive_int("thin", thin)
+    thin = positive_int("thin", thin)
     x = torch.as_tensor(draws)
     s = torch.as_tensor(scores)
     if x.dim() == 1:  # one-dimensional target: [n] -> [n, 1]
@@ -1056,7 +1047,7 @@ def ksd(
         ``thin`` or ``block_size`` that is not a positive int.
     """
     c, beta = _check_imq(c, beta)
-    block_size = _positive_int("block_size", block_size)
+    block_size = positive_int("block_size", block_size)
     x, s = _ksd_inputs(draws, scores, thin)
     if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(s).all())):
         return math.inf

@@ -28,6 +28,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor, nn
 from torch.distributions.transforms import Transform
 
+from pyro_bnp._validate import positive_int
 from pyro_bnp.chain import (
     ChainState,
     DrawStats,
@@ -61,13 +62,6 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
     return value
 
 
-def _check_count(name: str, value: Any) -> int:
-    """Return ``value`` as an int if it is a positive integer (not a bool), else raise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _check_subsample(spec: Any) -> int | dict[str, int] | None:
     if spec is None:
         return None
@@ -78,7 +72,7 @@ def _check_subsample(spec: Any) -> int | dict[str, int] | None:
                 raise ValueError(
                     f"subsample_size must map plate names (str) to batch sizes, got key {name!r}"
                 )
-            out[name] = _check_count(f"subsample_size[{name!r}]", b)
+            out[name] = positive_int(f"subsample_size[{name!r}]", b)
         return out
     if isinstance(spec, bool) or not isinstance(spec, numbers.Integral) or spec < 1:
         raise ValueError(
@@ -234,8 +228,8 @@ class SGMCMC(MCMCKernel):
         else:
             self.step_size = _check_positive("step_size", step_size)
         self.temperature = _check_positive("temperature", temperature, allow_zero=True)
-        self.thin = _check_count("thin", thin)
-        self.max_rejections = _check_count("max_rejections", max_rejections)
+        self.thin = positive_int("thin", thin)
+        self.max_rejections = positive_int("max_rejections", max_rejections)
         self.max_abs_param = _check_positive("max_abs_param", max_abs_param)
         self._subsample_spec = _check_subsample(subsample_size)
         self.subsample_size: int | dict[str, int] | None = self._subsample_spec

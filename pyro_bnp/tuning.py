@@ -34,7 +34,8 @@ from pyro.util import get_rng_state, set_rng_state
 from torch import Tensor
 from tqdm import tqdm
 
-from pyro_bnp.diagnostics import DEFAULT_KSD_BLOCK, _positive_int, ksd
+from pyro_bnp._validate import positive_int
+from pyro_bnp.diagnostics import DEFAULT_KSD_BLOCK, ksd
 from pyro_bnp.potential import MinibatchPotential
 
 __all__ = [
@@ -362,8 +363,8 @@ def stein_discrepancy(
         For a source of an unknown type, draws lacking a latent site or of the wrong shape,
         or invalid ``thin``, ``max_draws``, ``c`` or ``beta``.
     """
-    thin = _positive_int("thin", thin)
-    max_draws = _positive_int("max_draws", max_draws)
+    thin = positive_int("thin", thin)
+    max_draws = positive_int("max_draws", max_draws)
     scorer = _Scorer(model, model_args, model_kwargs, batch_size, seed)
     z = scorer.unconstrained(source, thin, max_draws)
     flat, scores = scorer.scores(z)
@@ -566,13 +567,13 @@ def tune_step_size(
     bad = [e for e in grid if not (e > 0.0 and math.isfinite(e))]
     if bad:
         raise ValueError(f"step sizes must be positive and finite, got {bad}")
-    num_samples = _positive_int("num_samples", num_samples)
+    num_samples = positive_int("num_samples", num_samples)
     if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
     warmup_steps = int(warmup_steps)
-    thin = _positive_int("thin", thin)
-    ksd_draws = _positive_int("ksd_draws", ksd_draws)
-    num_chains = _positive_int("num_chains", num_chains)
+    thin = positive_int("thin", thin)
+    ksd_draws = positive_int("ksd_draws", ksd_draws)
+    num_chains = positive_int("num_chains", num_chains)
     frac = float(max_divergence_fraction)
     if not 0.0 <= frac <= 1.0:
         raise ValueError(f"max_divergence_fraction must be in [0, 1], got {frac!r}")
