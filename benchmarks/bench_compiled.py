@@ -9,6 +9,9 @@ and the small CNN, categorical; batch 128), interleaved round-robin in one loop 
   ``compile=True`` for ``pre`` in identity, rmsprop; ``sghmc identity compiled`` likewise;
 * ``bnp eager``, ``bnp compiled`` and ``bnp+rmsprop compiled`` (BNP's statistics updated
   at every update, as in bench_step);
+* ``identity compiled unroll10`` and ``bnp compiled unroll10``: ``thin=10`` with
+  ``compile_options={"unroll": 10, "checks": "device"}`` (the ten updates of a draw in one graph
+  call); their times are per update (per call / 10);
 * ``identity compiled cudagraphs`` (``--device cuda`` only, ``--contenders`` adds it): the same
   graph with inductor's CUDA graphs (``compile_options={"triton.cudagraphs": True}``).
 
@@ -61,7 +64,10 @@ CONTENDERS = (
     ("bnp", False, "sgld"),
     ("bnp", True, "sgld"),
     ("bnp+rmsprop", True, "sgld"),
+    ("identity", "unroll", "sgld"),
+    ("bnp", "unroll", "sgld"),
 )
+UNROLL = 10
 CUDAGRAPHS = ("identity", "cudagraphs", "sgld")  # (pre, compile flag, sampler)
 # targets of issue 16 (compiled identity / hand) per network
 TARGETS = {"mlp-10-50-1": 0.5, "mlp-784-400-400-10": 0.9}
@@ -69,7 +75,8 @@ TARGETS = {"mlp-10-50-1": 0.5, "mlp-784-400-400-10": 0.9}
 
 def label(pre: str, compiled: bool, sampler: str) -> str:
     """Return a contender's name, e.g. ``"rmsprop compiled"``."""
-    mode = {False: "eager", True: "compiled", "cudagraphs": "compiled cudagraphs"}[compiled]
+    mode = {False: "eager", True: "compiled", "cudagraphs": "compiled cudagraphs",
+            "unroll": f"compiled unroll{UNROLL}"}[compiled]  # fmt: skip
     return ("sghmc " if sampler == "sghmc" else "") + f"{pre} {mode}"
 
 
@@ -92,6 +99,9 @@ def kernel_step(
     opts: dict[str, Any] = {"subsample_size": {"data": BATCH}, "preconditioner": pre}
     if compiled == "cudagraphs":
         compiled, opts["compile_options"] = True, {"triton.cudagraphs": True}
+    elif compiled == "unroll":
+        compiled, opts["compile_options"] = True, {"unroll": UNROLL, "checks": "device"}
+        opts["thin"] = UNROLL
     if sampler == "sghmc":
         h = math.sqrt(eps * (2.0 - 0.1) / 2.0)
         kernel: Any = pyro_bnp.SGHMC(model, h, friction=0.1 / h, compile=compiled, **opts)
@@ -145,6 +155,12 @@ def bench_case(
         min_rounds=3 if quick else 5,
         sync=torch.cuda.synchronize if device != "cpu" else None,
     )
+    for key, kernel in kernels.items():  # per update: a call of a thinned kernel makes `thin`
+        t = timings[key]
+        for field in ("median_us", "q25_us", "q75_us"):
+            t[field] /= kernel.thin
+        t["round_us"] = [x / kernel.thin for x in t["round_us"]]
+        t["updates_per_call"] = kernel.thin
     for k in kernels.values():
         k.cleanup()
     base = "hand"
@@ -168,6 +184,14 @@ def bench_case(
         "bnp_overhead_compiled": (
             paired_ratio(timings, "bnp compiled", "identity compiled")
             if "bnp compiled" in timings and "identity compiled" in timings
+            else None
+        ),
+        "bnp_overhead_unrolled": (
+            paired_ratio(
+                timings, f"bnp compiled unroll{UNROLL}", f"identity compiled unroll{UNROLL}"
+            )
+            if f"bnp compiled unroll{UNROLL}" in timings
+            and f"identity compiled unroll{UNROLL}" in timings
             else None
         ),
         "divergences": {k: len(v.diagnostics()["divergences"]) for k, v in kernels.items()},
@@ -195,9 +219,12 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, str]]:
         for pre, r in c["compiled_over_eager"].items():
             rows.append({"case": f"{c['device']} {c['case']} {pre} compiled/eager",
                          "value": f"{r:.3f}x (paired)"})  # fmt: skip
-        if c.get("bnp_overhead_compiled") is not None:
-            r = c["bnp_overhead_compiled"]
-            rows.append({"case": f"{c['device']} {c['case']} bnp/identity compiled",
+        for key, what in (("bnp_overhead_compiled", "compiled"),
+                          ("bnp_overhead_unrolled", f"compiled unroll{UNROLL}")):  # fmt: skip
+            r = c.get(key)
+            if r is None:
+                continue
+            rows.append({"case": f"{c['device']} {c['case']} bnp/identity {what}",
                          "value": f"{r:.3f}x (paired)", "target": "<= 1.10",
                          "status": "ok" if r <= 1.10 else "MISSED"})  # fmt: skip
         for name, err in c["errors"].items():

@@ -36,6 +36,7 @@ warning that says why.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -425,6 +426,15 @@ class CompiledUpdate:
             raise ValueError(
                 f"compile_options['checks'] must be 'auto', 'host' or 'device', got {checks!r}"
             )
+        unroll = self.options.pop("unroll", 1)
+        if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+            raise ValueError(f"compile_options['unroll'] must be a positive int, got {unroll!r}")
+        if unroll > 1 and checks == "host":
+            raise ValueError(
+                "compile_options: unroll > 1 needs checks='device' (the guards of the updates "
+                "inside one call are applied on the device), got checks='host'"
+            )
+        self.unroll = unroll
         self.names = sorted(chain.z)
         self.plates = sorted(pot.plates)
         self.integrator: str = kernel._integrator()
@@ -438,7 +448,9 @@ class CompiledUpdate:
         self.device, self.dtype = z0.device, z0.dtype
         # On the CPU a host read costs about a microsecond and spares the two passes over the
         # parameters that selecting on the device takes; on a GPU it is a synchronisation.
-        self.host_checks = checks == "host" or (checks == "auto" and z0.device.type == "cpu")
+        self.host_checks = checks == "host" or (
+            checks == "auto" and z0.device.type == "cpu" and unroll == 1
+        )
         # two constants: no allocation per update
         self._bool = {b: torch.tensor(b, device=self.device) for b in (False, True)}
         self._flags: Tensor | None = None
@@ -447,7 +459,7 @@ class CompiledUpdate:
         self.verified = False
         self.trace_seconds = math.nan
         self.compile_seconds = math.nan  # inductor's compilation of the traced graph
-        self._fn: Callable[..., Any] | None = None
+        self._fns: dict[int, Callable[..., Any]] = {}  # by updates per call
         self._graphs: dict[Any, Any] = {}
         self._key: tuple[Any, ...] = ()
         # per BNP layer: its inputs in one forward pass, filled by hooks while tracing only
@@ -481,13 +493,19 @@ class CompiledUpdate:
         )
 
     def attach(self, graphs: dict[Any, Any]) -> None:
-        """Use (and fill) ``graphs``, a cache of traced updates by :meth:`key`."""
+        """Use (and fill) ``graphs``, a cache of traced updates by :meth:`key` and length."""
         self._graphs, self._key = graphs, self.key()
-        self._fn = graphs.get(self._key)
+        self._fns = {
+            k: graphs[(self._key, k)] for k in {1, self.unroll} if (self._key, k) in graphs
+        }
 
     # ------------------------------------------------------------------ the graph
-    def _body(self, *flat: Tensor) -> tuple[Tensor, ...]:
-        """Make one update as a pure function of flat tensors (traced, never run eagerly)."""
+    def _body(self, k: int, *flat: Tensor) -> tuple[Tensor, ...]:
+        """Make ``k`` updates as a pure function of flat tensors (traced, never run eagerly).
+
+        Inputs: z, g, state, stats, then per update its noise, the momentum (SGHMC), per update
+        its plate indices, the data, per update its coefficients, frozen, first, flags.
+        """
         fn = self.functional
         n, s = len(self.names), fn.size
         it = iter(flat)
@@ -495,15 +513,51 @@ class CompiledUpdate:
         g = [next(it) for _ in range(n)]
         state = [next(it) for _ in range(s)]
         stats = [next(it) for _ in range(fn.stats_size)]
-        xi = [next(it) for _ in range(n)] if self.noise else []
+        xis = [[next(it) for _ in range(n)] if self.noise else [] for _ in range(k)]
         m = [next(it) for _ in range(n)] if self.integrator == "sghmc" else []
-        idx = [next(it) for _ in self.plates]
+        idxs = [[next(it) for _ in self.plates] for _ in range(k)]
         data = [next(it) for _ in self._tensor_pos]
-        coef, frozen, first, flags = next(it), next(it), next(it), next(it)
+        coefs = [next(it) for _ in range(k)]
+        frozen, first, flags = next(it), next(it), next(it)
         leaves = list(self._leaves)
         for i, v in zip(self._tensor_pos, data, strict=True):
             leaves[i] = v
         args, kwargs = tree_unflatten(leaves, self._spec)
+        if self.host_checks:  # one update; the host selects: no pass over the parameters
+            assert k == 1
+            zn, grads, state, new_stats, aux, m_new, lp, gnorm, max_abs = self._one(
+                z, g, state, stats, xis[0], m, idxs[0], args, kwargs, coefs[0], frozen
+            )
+            report = torch.stack([lp.double(), gnorm.double(), max_abs.double()])
+            return (*zn, *grads, *state, *new_stats, *fn.export(aux), *m_new, report)
+        out_aux: list[Tensor] = []
+        for j in range(k):  # later updates of the chunk are never a draw's first
+            z, g, state, stats, out_aux, m, flags = self._select(
+                z, g, stats, m, flags, first if j == 0 else self._false_in_graph(first),
+                *self._one(z, g, state, stats, xis[j], m, idxs[j], args, kwargs, coefs[j], frozen),
+            )  # fmt: skip
+        return (*z, *g, *state, *stats, *fn.export(out_aux), *m, flags)
+
+    @staticmethod
+    def _false_in_graph(like: Tensor) -> Tensor:
+        return torch.zeros_like(like)
+
+    def _one(
+        self,
+        z: list[Tensor],
+        g: list[Tensor],
+        state: list[Tensor],
+        stats: list[Tensor],
+        xi: list[Tensor],
+        m: list[Tensor],
+        idx: list[Tensor],
+        args: Any,
+        kwargs: Any,
+        coef: Tensor,
+        frozen: Tensor,
+    ) -> tuple[Any, ...]:
+        """One update, unselected: the proposal, its gradient, state, statistics and checks."""
+        fn = self.functional
         pot: MinibatchPotential = self.kernel.potential
         names, plates = self.names, self.plates
 
@@ -538,9 +592,27 @@ class CompiledUpdate:
         # one reduction per tensor: amax propagates NaN and inf, so is finite iff every entry is
         max_abs = torch.stack([v.abs().amax() for v in zn]).max()
         gnorm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in grads]))
-        if self.host_checks:  # the host selects: no pass over the parameters to select
-            report = torch.stack([lp.double(), gnorm.double(), max_abs.double()])
-            return (*zn, *grads, *state, *new_stats, *fn.export(aux), *m_new, report)
+        return zn, grads, state, new_stats, aux, m_new, lp, gnorm, max_abs
+
+    def _select(
+        self,
+        z: list[Tensor],
+        g: list[Tensor],
+        stats: list[Tensor],
+        m: list[Tensor],
+        flags: Tensor,
+        first: Tensor,
+        zn: list[Tensor],
+        grads: list[Tensor],
+        state: list[Tensor],
+        new_stats: list[Tensor],
+        aux: list[Tensor],
+        m_new: list[Tensor],
+        lp: Tensor,
+        gnorm: Tensor,
+        max_abs: Tensor,
+    ) -> tuple[Any, ...]:
+        """Apply the guards on the device: keep the proposal or the old state; count."""
         z_finite, g_finite = torch.isfinite(max_abs), torch.isfinite(gnorm)
         boom_before = flags[_BOOM] > 0
         too_big = z_finite & (max_abs > self.kernel.max_abs_param)
@@ -570,9 +642,9 @@ class CompiledUpdate:
                 torch.where(ok, gnorm.double(), f[_GNORM]),
             ]
         )
-        return (*z_out, *g_out, *state, *stats_out, *fn.export(aux), *m_out, new_flags)
+        return z_out, g_out, state, stats_out, aux, m_out, new_flags
 
-    def _build(self, example: list[Any]) -> Callable[..., Any]:
+    def _build(self, k: int, example: list[Any]) -> Callable[..., Any]:
         pot: MinibatchPotential = self.kernel.potential
         priors = [site.prior for site in pot._module_sites.values()]
         t0 = time.perf_counter()
@@ -582,7 +654,7 @@ class CompiledUpdate:
         ]
         try:
             with pyro.validation_enabled(False), _priors_unvalidated(priors):
-                gm = make_fx(self._body, tracing_mode="real")(*example)
+                gm = make_fx(functools.partial(self._body, k), tracing_mode="real")(*example)
         except CompileUnsupported:
             raise
         except Exception as exc:  # noqa: BLE001 (any tracing failure means: stay eager)
@@ -605,7 +677,13 @@ class CompiledUpdate:
             import torch._inductor  # noqa: PLC0415 (seconds to import: only when compiling)
 
             t1 = time.perf_counter()
-            out = torch._inductor.compile(gm, list(example), options=self.options or None)
+            try:
+                out = torch._inductor.compile(gm, list(example), options=self.options or None)
+            except Exception as exc:  # noqa: BLE001 (an inductor failure means: stay eager)
+                raise CompileUnsupported(
+                    f"inductor failed to compile the traced update: {type(exc).__name__}: "
+                    f"{str(exc)[:500]}"
+                ) from exc
         self.compile_seconds = time.perf_counter() - t1
         return out
 
@@ -650,17 +728,13 @@ class CompiledUpdate:
             )
         flags = self._flags
         t0 = chain.t
-        undo = None
-        if self._fn is None:  # a failed trace must leave the chain as it found it
-            pre = kernel.preconditioner
-            undo = (chain.rng.get_state(), dict(chain.perms), dict(chain.pos), pre.state_dict())
         state = fn.state(chain.grads)
         stats = fn.stats()
         z = [chain.z[n] for n in names]
         g = [chain.grads[n] for n in names]
         frozen = self._bool[bool(kernel.preconditioner.frozen)]
         try:
-            diverging = self._loop(chain, num_updates, undo, state, stats, z, g, frozen, flags)
+            diverging = self._loop(chain, num_updates, state, stats, z, g, frozen, flags)
         finally:  # the preconditioner's state as of the last update made, once per draw
             if self._out_state is not None:
                 fn.store(*self._out_state)
@@ -675,7 +749,6 @@ class CompiledUpdate:
         self,
         chain: ChainState,
         num_updates: int,
-        undo: tuple[Any, ...] | None,
         state: list[Tensor],
         stats: list[Tensor],
         z: list[Tensor],
@@ -683,53 +756,61 @@ class CompiledUpdate:
         frozen: Tensor,
         flags: Tensor,
     ) -> bool:
-        """Make the updates of :meth:`run`.
+        """Make the updates of :meth:`run`, in calls of ``unroll`` updates (or one).
 
         The last state goes to ``_out_state``, the counters to ``_flags`` (device checks) or
-        ``_accepted`` (host checks).
+        ``_accepted`` (host checks). The first update of a chain is always a call of one, so
+        that it can be checked against the eager potential.
         """
         kernel, pot, fn, names = self.kernel, self.kernel.potential, self.functional, self.names
         diverging = False
-        for i in range(num_updates):
-            eps = chain.eps = kernel._step_size_at(chain.t)
-            m: list[Tensor] = []
+        done = 0
+        m: list[Tensor] = []
+        while done < num_updates:
+            k = self.unroll if self.verified and num_updates - done >= self.unroll else 1
+            graph = self._fns.get(k)
+            undo = None
+            if graph is None:  # a failed trace must leave the chain as it found it
+                if self._out_state is not None:
+                    fn.store(*self._out_state)
+                pre = kernel.preconditioner
+                undo = (chain.rng.get_state(), dict(chain.perms), dict(chain.pos),
+                        pre.state_dict())  # fmt: skip
             if self.integrator == "sghmc":
-                kernel._check_step(eps, chain.t)
                 mom = kernel._momentum(chain)
                 m = [mom[n] for n in names]
-            xi = standard_normal_like(chain.z, chain.rng) if self.noise else {}
-            idx = pot.next_indices(chain.perms, chain.pos, chain.rng)
-            inputs = [
-                *z,
-                *g,
-                *state,
-                *stats,
-                *(xi[n] for n in names),
-                *m,
-                *(idx[p] for p in self.plates),
-                *self.data,
-                self._coef(eps),
-                frozen,
-                self._bool[i == 0],
-                flags,
-            ]
-            if self._fn is None:
+            xis, idxs, coefs = [], [], []
+            for j in range(k):
+                eps = chain.eps = kernel._step_size_at(chain.t + j)
+                if self.integrator == "sghmc":
+                    kernel._check_step(eps, chain.t + j)
+                if self.noise:
+                    xi = standard_normal_like(chain.z, chain.rng)
+                    xis += [xi[n] for n in names]
+                idx = pot.next_indices(chain.perms, chain.pos, chain.rng)
+                idxs += [idx[p] for p in self.plates]
+                coefs.append(self._coef(eps))
+            inputs = [*z, *g, *state, *stats, *xis, *m, *idxs, *self.data, *coefs, frozen,
+                      self._bool[done == 0], flags]  # fmt: skip
+            if graph is None:
                 try:
-                    self._fn = self._graphs[self._key] = self._build(inputs)
+                    graph = self._build(k, inputs)
                 except CompileUnsupported:
                     assert undo is not None
                     chain.rng.set_state(undo[0])
                     chain.perms, chain.pos = undo[1], undo[2]
                     kernel.preconditioner.load_state_dict(undo[3])
                     raise
-            out = self._fn(*inputs)
-            k = len(names)
-            z, g = list(out[:k]), list(out[k : 2 * k])
-            rest = list(out[2 * k :])
+                self._fns[k] = self._graphs[(self._key, k)] = graph
+            out = graph(*inputs)
+            n = len(names)
+            z, g = list(out[:n]), list(out[n : 2 * n])
+            rest = list(out[2 * n :])
             state, rest = rest[: fn.size], rest[fn.size :]
             new_stats, rest = rest[: fn.stats_size], rest[fn.stats_size :]
             aux, rest = rest[: len(rest) - 1 - len(m)], rest[len(rest) - 1 - len(m) :]
-            chain.t += 1
+            chain.t += k
+            done += k
             old_stats = stats
             if self.host_checks:
                 self._out_state = (state, stats, aux)  # V changes even when rejected

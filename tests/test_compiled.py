@@ -90,6 +90,28 @@ def test_device_checks_equal_host_checks(dtype):
         assert torch.equal(out["host"][k], out["device"][k]), k
 
 
+@pytest.mark.parametrize("cls", [SGLD, SGHMC], ids=["sgld", "sghmc"])
+@pytest.mark.parametrize("pre", ["identity", "rmsprop", "bnp+rmsprop"])
+def test_unrolled_updates_equal_one_update_per_call(cls, pre):
+    """``unroll=4`` makes the 4 updates of a draw one graph call: the same operations in the
+    same order as four calls, so the traced chains are equal bit for bit (the first update of
+    a chain is always a call of one: it is checked against the eager potential)."""
+    out = {}
+    for unroll in (1, 4):
+        opts = {"checks": "device", "unroll": unroll}
+        if pre == "bnp+rmsprop":
+            samples, _, k = _bnp_run(cls, BNP(rmsprop=RMSprop()), "trace", "device",
+                                     num_samples=60, thin=4, compile_options=opts)  # fmt: skip
+        else:
+            k = _kernel(cls, pre, "trace", compile_options=opts, thin=4)
+            samples, _ = _draws(k, *_data(), num_samples=60)
+        assert set(k._compiled._fns) == ({1} if unroll == 1 else {1, 4})
+        out[unroll] = samples, k.chain.t
+    for name in out[1][0]:
+        assert torch.equal(out[1][0][name], out[4][0][name]), name
+    assert out[1][1] == out[4][1] == 240
+
+
 def test_inductor_chain_equals_eager_chain():
     """The inductor-compiled update: same chain within float32 rounding over 1000 updates."""
     x, y = _data()
@@ -117,12 +139,17 @@ def _cliff(c: float = 0.5):
     pyro.factor("cliff", torch.where(x.max() > c, -math.inf, 0.0))
 
 
-@pytest.mark.parametrize("checks", ["host", "device"])
+# the guard modes: host, device, and device with the two updates of a draw in one call
+CHECKS = {"host": {"checks": "host"}, "device": {"checks": "device"},
+          "unrolled": {"checks": "device", "unroll": 2}}  # fmt: skip
+
+
+@pytest.mark.parametrize("checks", list(CHECKS))
 def test_rejections_match_the_eager_kernel(checks):
     """No plate, so no index stream: rejected updates keep the random streams aligned."""
     runs = {}
     for comp in (False, "trace"):
-        options = {"checks": checks} if comp else None
+        options = CHECKS[checks] if comp else None
         k = SGLD(_cliff, 0.3, preconditioner="identity", compile=comp, thin=2,
                  compile_options=options, max_rejections=50)  # fmt: skip
         samples, kernel = _draws(k, num_samples=300)
@@ -134,10 +161,10 @@ def test_rejections_match_the_eager_kernel(checks):
     assert torch.all(sc["x"] <= 0.5)
 
 
-@pytest.mark.parametrize("checks", ["host", "device"])
+@pytest.mark.parametrize("checks", list(CHECKS))
 def test_max_rejections_raises_and_keeps_the_chain(checks):
     k = SGLD(_cliff, 50.0, preconditioner="identity", compile="trace", max_rejections=5,
-             compile_options={"checks": checks})  # fmt: skip
+             compile_options=CHECKS[checks], thin=2)  # fmt: skip
     k.initial_params = {"x": torch.full((3,), -0.1)}
     pyro.set_rng_seed(0)
     with pytest.raises(RuntimeError, match="5 updates in a row"):
@@ -146,11 +173,11 @@ def test_max_rejections_raises_and_keeps_the_chain(checks):
     assert math.isfinite(k.chain.lp)
 
 
-@pytest.mark.parametrize("checks", ["host", "device"])
+@pytest.mark.parametrize("checks", list(CHECKS))
 def test_explosion_is_named_and_the_chain_kept(checks):
     # eps / (2 sigma^2) = 2.5: the chain grows by a factor 1.5 per update, finite all along
     k = SGLD(gaussian_target, 5.0, preconditioner="identity", compile="trace",
-             max_abs_param=1e3, thin=5, compile_options={"checks": checks})  # fmt: skip
+             max_abs_param=1e3, thin=4, compile_options=CHECKS[checks])  # fmt: skip
     pyro.set_rng_seed(0)
     with pytest.raises(RuntimeError, match=r"exploding: update \d+ moved a parameter.*e\.g\."):
         MCMC(k, num_samples=50, disable_progbar=True).run(torch.zeros(3), 1.0)
@@ -197,7 +224,7 @@ def _bnp_run(cls, pre, comp, checks="host", num_samples=1000, warmup_steps=0, **
     # (SGHMC moves this network's first layer ~10 prior sds out: the health check would warn)
     extra = {"friction": 5.0, "health": None} if cls is SGHMC else {}
     step = 1e-4 if cls is SGLD else 1e-3
-    opts = {"checks": checks} if comp else None
+    opts = kw.pop("compile_options", {"checks": checks} if comp else None)
     k = cls(MLP("cpu", torch.float32), step, subsample_size={"data": 40}, preconditioner=pre,
             compile=comp, compile_options=opts, **extra, **kw)  # fmt: skip
     samples, _ = _draws(k, x, y, num_samples=num_samples, warmup_steps=warmup_steps)
@@ -295,6 +322,18 @@ def test_a_graph_that_disagrees_with_the_eager_potential_falls_back(monkeypatch)
     assert _max_rel(out, eager) < 1e-4
 
 
+def test_an_inductor_failure_falls_back_with_its_reason():
+    """An option inductor cannot honour here (an unknown config key) warns and stays eager."""
+    x, y = _data()
+    opts = {"subsample_size": {"data": 40}, "preconditioner": "identity"}
+    eager, _ = _draws(SGLD(linreg, 1e-4, **opts), x, y, num_samples=20)
+    with pytest.warns(RuntimeWarning, match="inductor failed to compile the traced update"):
+        out, k = _draws(SGLD(linreg, 1e-4, compile=True, compile_options={"no_such_option": 1},
+                             **opts), x, y, num_samples=20)  # fmt: skip
+    assert k._compiled is None
+    assert torch.equal(out["w"], eager["w"])
+
+
 def test_bad_compile_arguments_are_named():
     with pytest.raises(ValueError, match="compile must be False, True, 'auto' or 'trace'"):
         SGLD(linreg, compile="yes")
@@ -304,6 +343,12 @@ def test_bad_compile_arguments_are_named():
     x, y = _data()
     with pytest.raises(ValueError, match=r"compile_options\['checks'\]"):
         _draws(k, x, y, num_samples=2)
+    bad = [({"unroll": 0}, r"compile_options\['unroll'\] must be a positive int"),
+           ({"unroll": 2, "checks": "host"}, "unroll > 1 needs checks='device'")]  # fmt: skip
+    for opts, match in bad:
+        k = SGLD(linreg, compile="trace", compile_options=opts, preconditioner="identity")
+        with pytest.raises(ValueError, match=match):
+            _draws(k, x, y, num_samples=2)
 
 
 def test_resume_from_state_dict_continues_the_compiled_chain():
