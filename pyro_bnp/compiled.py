@@ -25,9 +25,9 @@ float64 vector of counters; its outputs are the same quantities one update later
   explosion began;
 * the step size is a graph input, so schedules do not retrace.
 
-Supported: the ``"identity"``, ``"rmsprop"``, ``"bnp"`` and ``"bnp+rmsprop"`` preconditioners
-(exactly those classes; BNP without ``prior_cap`` or ``others``: its layer statistics are graph
-state, see :class:`_BNPState`), models that subsample only through the kernel's
+Supported: the ``"identity"``, ``"rmsprop"``, ``"bnp"``, ``"bnp+rmsprop"`` and ``"bnp-others"``
+preconditioners (exactly those classes; BNP without ``prior_cap``: its layer statistics are
+graph state, see :class:`_BNPState`), models that subsample only through the kernel's
 ``subsample_size``, any Pyro model whose log density ``make_fx`` can trace (no host reads such as
 ``float(tensor)`` or data-dependent Python branches). Anything else runs the eager update, with a
 warning that says why.
@@ -185,8 +185,6 @@ class _BNPState(_IdentityState):
         assert isinstance(pre, BNP)
         if pre.prior_cap is not None:
             raise CompileUnsupported("BNP(prior_cap=...) has no compiled form yet")
-        if pre.others is not None:
-            raise CompileUnsupported("BNP(others=...) has no compiled form yet")
         self.pre, self.names = pre, list(names)
         hooks = kernel.hooks
         module_of = {} if hooks is None else {id(st): m for m, st in hooks.pairs}
@@ -206,7 +204,13 @@ class _BNPState(_IdentityState):
             self.running.append(stats)
         rms = pre.rmsprop
         self.rms = None if rms is None else _RMSpropState(rms, names)
-        self.size = 0 if self.rms is None else self.rms.size
+        # BNP(others=RMSprop(...)): RMSprop on the sites outside the layers, in theta
+        self.other_pos = [i for i, n in enumerate(names) if n in set(pre._other_names)]
+        self.others = None
+        if pre.others is not None:
+            self.others = _RMSpropState(pre.others, [names[i] for i in self.other_pos])
+        inner = self.rms or self.others
+        self.size = 0 if inner is None else inner.size
         self.stats_size = 2 * len(self.blocks)
         self.q2 = [
             balance_factor(b.fan_in, b.ref.stats.batch_size, b.ref.stats.spatial_size)
@@ -220,6 +224,8 @@ class _BNPState(_IdentityState):
         )
 
     def state(self, grads: Mapping[str, Tensor]) -> list[Tensor]:
+        if self.others is not None:
+            return self.others.state({n: grads[n] for n in self.others.names})
         if self.rms is None:
             return []
         if not self.rms.pre.v:  # V starts at the first g_z, as eagerly
@@ -255,11 +261,25 @@ class _BNPState(_IdentityState):
                 g, _, cin_g, _ = b.shape4
                 r, c = r.view(g, 1, cin_g, 1), c.view(g, 1, cin_g, 1)
             aux += [r, c]
+        if self.others is not None:
+            other_g = [grads[i] for i in self.other_pos]
+            state, o_aux = self.others.update(state, [], other_g, frozen)
+            return state, aux + o_aux
         if self.rms is None:
             return [], aux
         gz = self._map(aux, grads, to_z=True)
         state, rms_aux = self.rms.update(state, [], gz, frozen)
         return state, aux + rms_aux
+
+    def _others(self, aux: list[Tensor], values: list[Tensor]) -> list[Tensor]:
+        """``sqrt(G)`` of ``others``' RMSprop on the sites outside the layers."""
+        if self.others is None or not self.other_pos:
+            return values
+        out = list(values)
+        scaled = self.others.apply(aux[self.stats_size :], [values[i] for i in self.other_pos])
+        for i, v in zip(self.other_pos, scaled, strict=True):
+            out[i] = v
+        return out
 
     @staticmethod
     def _dense(b: Any, w: Tensor, bias: Tensor | None, to_z: bool) -> tuple[Tensor, Any]:
@@ -288,7 +308,7 @@ class _BNPState(_IdentityState):
         return [out[n] for n in self.names]
 
     def apply_t(self, aux: list[Tensor], values: list[Tensor]) -> list[Tensor]:
-        gz = self._map(aux, values, to_z=True)
+        gz = self._others(aux, self._map(aux, values, to_z=True))
         if self.rms is None:
             return gz
         return self.rms.apply(aux[self.stats_size :], gz)
@@ -296,7 +316,7 @@ class _BNPState(_IdentityState):
     def apply(self, aux: list[Tensor], values: list[Tensor]) -> list[Tensor]:
         if self.rms is not None:
             values = self.rms.apply(aux[self.stats_size :], values)
-        return self._map(aux, values, to_z=False)
+        return self._others(aux, self._map(aux, values, to_z=False))
 
     def observe(
         self, stats: list[Tensor], inputs: list[list[Tensor]], frozen: Tensor
@@ -330,8 +350,9 @@ class _BNPState(_IdentityState):
 
     def store(self, state: list[Tensor], stats: list[Tensor], aux: list[Tensor]) -> None:
         self.set_stats(stats)
-        if self.rms is not None:
-            self.rms.store(state, [], aux)
+        inner = self.rms or self.others
+        if inner is not None:
+            inner.store(state, [], aux)
 
     def count_batches(self, accepted: int) -> None:
         for st in self.running:
@@ -410,7 +431,7 @@ class CompiledUpdate:
         if functional is None:
             raise CompileUnsupported(
                 f"the preconditioner {pre.name!r} ({type(pre).__name__}) has no compiled form "
-                "yet (compiled: 'identity', 'rmsprop', 'bnp' and 'bnp+rmsprop')"
+                "yet (compiled: 'identity', 'rmsprop', 'bnp', 'bnp+rmsprop' and 'bnp-others')"
             )
         if kernel.hooks is not None and functional is not _BNPState:
             raise CompileUnsupported("layer statistics of a preconditioner other than BNP")

@@ -253,6 +253,27 @@ def test_bnp_traced_chain_equals_eager_chain(cls, rms, checks):
         assert float((lt[name][1] - var).abs().max() / var.abs().max()) < 1e-4
 
 
+@pytest.mark.parametrize("cls", [SGLD, SGHMC], ids=["sgld", "sghmc"])
+def test_bnp_others_traced_chain_equals_eager_chain(cls):
+    """``BNP(others="rmsprop")``: BNP on the layers, RMSprop on the noise scale outside them."""
+    from test_devices import MLP
+
+    x, y = _data()
+    runs = []
+    for comp in (False, "trace"):
+        pre = BNP(others="rmsprop")
+        extra = {"friction": 5.0, "health": None} if cls is SGHMC else {}
+        k = cls(MLP("cpu", torch.float32, latent_noise=True), 1e-4 if cls is SGLD else 1e-3,
+                subsample_size={"data": 40}, preconditioner=pre, compile=comp, **extra)  # fmt: skip
+        samples, _ = _draws(k, x, y, num_samples=1000)
+        runs.append((samples, dict(pre.others.v)))
+    (se, ve), (st, vt) = runs
+    assert k._compiled is not None and k._compiled.verified
+    assert set(vt) == {"sigma"}
+    assert _max_rel(st, se) < 1e-4, _max_rel(st, se)
+    assert _max_rel(vt, ve) < 1e-4
+
+
 def test_bnp_frozen_after_warmup_traced_equals_eager():
     """The frozen flag stops the statistics (and BNP+RMSprop's V) at the end of warmup."""
     runs = [

@@ -32,11 +32,18 @@ DTYPES = [torch.float32, torch.float64]
 
 
 class MLP(PyroModule):
-    """``y ~ N(f(x), 0.5^2)`` with a 3-8-1 tanh network, N(0, 1) priors made on ``device``."""
+    """``y ~ N(f(x), 0.5^2)`` with a 3-8-1 tanh network, N(0, 1) priors made on ``device``.
 
-    def __init__(self, device: str, dtype: torch.dtype, d: int = 3, h: int = 8) -> None:
+    ``latent_noise``: the noise scale is a site outside the layers, ``sigma ~ HalfNormal(1)``.
+    """
+
+    def __init__(
+        self, device: str, dtype: torch.dtype, d: int = 3, h: int = 8, latent_noise: bool = False
+    ) -> None:
         super().__init__()
+        self.latent_noise = latent_noise
         zero = torch.zeros((), device=device, dtype=dtype)
+        self.one = zero + 1.0
         self.l1 = PyroModule[nn.Linear](d, h).to(device, dtype)
         self.l2 = PyroModule[nn.Linear](h, 1).to(device, dtype)
         for layer, (fan_out, fan_in) in ((self.l1, (h, d)), (self.l2, (1, h))):
@@ -45,9 +52,10 @@ class MLP(PyroModule):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.l1.weight, self.l1.bias, self.l2.weight, self.l2.bias  # noqa: B018
+        sigma = pyro.sample("sigma", dist.HalfNormal(self.one)) if self.latent_noise else 0.5
         with pyro.plate("data", x.shape[0]) as idx:
             out = self.l2(torch.tanh(self.l1(x[idx]))).squeeze(-1)
-            pyro.sample("y", dist.Normal(out, 0.5), obs=y[idx])
+            pyro.sample("y", dist.Normal(out, sigma), obs=y[idx])
 
 
 def _data(device, dtype, n=400):
