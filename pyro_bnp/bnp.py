@@ -398,7 +398,8 @@ class BNP(Preconditioner):
         q2 = balance_factor(block.fan_in, stats.batch_size, stats.spatial_size)
         prior = self._priors.get(block.ref.name)
         if self.prior_cap is not None and prior is not None and self._cap_eps is not None:
-            s2, q2 = self._capped(block, mu, s2, q2, prior, self._cap_eps, self.prior_cap)
+            s2, q2_t = self._capped(block, mu, s2, q2, prior, self._cap_eps, self.prior_cap)
+            q2 = float(q2_t)
         q = math.sqrt(q2)
         r = s2.rsqrt()
         c = mu * r
@@ -417,22 +418,28 @@ class BNP(Preconditioner):
         s2: Tensor,
         q2: float,
         prior: tuple[float | None, float],
-        eps: float,
+        eps: float | Tensor,
         kappa: float,
-    ) -> tuple[Tensor, float]:
-        """``(s^2, q^2)`` with the prior's stability number at most ``kappa`` (``prior_cap``)."""
+    ) -> tuple[Tensor, Tensor]:
+        """``(s^2, q^2)`` with the prior's stability number at most ``kappa`` (``prior_cap``).
+
+        Tensor arithmetic only (``q^2`` a 0-d float64 tensor, the bound in float64), so the
+        compiled update runs the same function with ``eps`` a graph input.
+        """
         var_b, var_w = prior
-        s2 = torch.clamp_min(s2, eps / (2.0 * kappa * q2 * var_w))
+        floor = eps / (2.0 * kappa * q2 * var_w)
+        s2 = torch.clamp_min(s2, floor.to(s2.dtype) if isinstance(floor, Tensor) else floor)
         groups, _, cin_g, ksize = block.shape4
-        lam = 1.0 / (float(s2.min()) * var_w)  # the diagonal's largest entry
+        v = s2.double().view(groups, cin_g)
+        lam = (v.amin() * var_w).reciprocal()  # the diagonal's largest entry
         if var_b is not None and block.ref.bias is not None:
             # an upper bound of the arrowhead's largest eigenvalue: max(alpha, max r) + |v|
-            m, v = mu.view(groups, cin_g), s2.view(groups, cin_g)
+            m = mu.double().view(groups, cin_g)
             alpha = (1.0 + ksize * (m.square() / v).sum(1)) / var_b
             vnorm = (ksize * (m / v).square().sum(1) / (var_b * var_w)).sqrt()
-            lam = max(lam, float((alpha.clamp_min(lam) + vnorm).max()))
+            lam = torch.maximum(lam, (torch.maximum(alpha, lam) + vnorm).amax())
         nu = 0.5 * eps * lam / q2
-        return s2, (q2 * nu / kappa if nu > kappa else q2)
+        return s2, q2 * torch.clamp_min(nu / kappa, 1.0)
 
     @property
     def priors(self) -> dict[str, tuple[float | None, float]]:

@@ -26,7 +26,7 @@ float64 vector of counters; its outputs are the same quantities one update later
 * the step size is a graph input, so schedules do not retrace.
 
 Supported: the ``"identity"``, ``"rmsprop"``, ``"bnp"``, ``"bnp+rmsprop"`` and ``"bnp-others"``
-preconditioners (exactly those classes; BNP without ``prior_cap``: its layer statistics are
+preconditioners and ``BNP(prior_cap=...)`` (exactly those classes; BNP's layer statistics are
 graph state, see :class:`_BNPState`), models that subsample only through the kernel's
 ``subsample_size``, any Pyro model whose log density ``make_fx`` can trace (no host reads such as
 ``float(tensor)`` or data-dependent Python branches). Anything else runs the eager update, with a
@@ -98,7 +98,12 @@ class _IdentityState:
         return []
 
     def update(
-        self, state: list[Tensor], stats: list[Tensor], grads: list[Tensor], frozen: Tensor
+        self,
+        state: list[Tensor],
+        stats: list[Tensor],
+        grads: list[Tensor],
+        frozen: Tensor,
+        step: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         return [], []
 
@@ -123,6 +128,9 @@ class _IdentityState:
     def set_stats(self, stats: list[Tensor]) -> None:
         pass
 
+    def set_step(self, step_size: float) -> None:
+        pass
+
     def count_batches(self, accepted: int) -> None:
         pass
 
@@ -144,7 +152,12 @@ class _RMSpropState(_IdentityState):
         return [self.pre.v[n] for n in self.names]
 
     def update(
-        self, state: list[Tensor], stats: list[Tensor], grads: list[Tensor], frozen: Tensor
+        self,
+        state: list[Tensor],
+        stats: list[Tensor],
+        grads: list[Tensor],
+        frozen: Tensor,
+        step: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         new, roots, diag = [], [], []
         for v, g in zip(state, grads, strict=True):
@@ -183,8 +196,6 @@ class _BNPState(_IdentityState):
 
     def __init__(self, pre: Preconditioner, names: Sequence[str], kernel: Any) -> None:
         assert isinstance(pre, BNP)
-        if pre.prior_cap is not None:
-            raise CompileUnsupported("BNP(prior_cap=...) has no compiled form yet")
         self.pre, self.names = pre, list(names)
         hooks = kernel.hooks
         module_of = {} if hooks is None else {id(st): m for m, st in hooks.pairs}
@@ -212,16 +223,21 @@ class _BNPState(_IdentityState):
         inner = self.rms or self.others
         self.size = 0 if inner is None else inner.size
         self.stats_size = 2 * len(self.blocks)
+        self.n_aux = 3 * len(self.blocks)  # r, c and 1/q per layer, then the inner RMSprop's
         self.q2 = [
             balance_factor(b.fan_in, b.ref.stats.batch_size, b.ref.stats.spatial_size)
             for b in self.blocks
         ]
 
     def key(self) -> tuple[Any, ...]:
-        return tuple(
+        layers = tuple(
             (b.ref.name, st.batch_size, st.spatial_size)
             for b, st in zip(self.blocks, self.running, strict=True)
         )
+        return layers, repr(sorted(self.pre._priors.items()))
+
+    def set_step(self, step_size: float) -> None:
+        self.pre._set_cap_step_size(step_size)  # (prior_cap: the blocks follow the step size)
 
     def state(self, grads: Mapping[str, Tensor]) -> list[Tensor]:
         if self.others is not None:
@@ -242,25 +258,36 @@ class _BNPState(_IdentityState):
     def _blocks_with(self, aux: list[Tensor]) -> list[Any]:
         """Return copies of the blocks with the graph's ``r``, ``c`` and ``1/q`` (no leaks)."""
         out = []
-        for i, (b, q2) in enumerate(zip(self.blocks, self.q2, strict=True)):
-            q = math.sqrt(q2)
-            r, c = aux[2 * i], aux[2 * i + 1]
-            out.append(dataclasses.replace(b, r=r, c=c, a=None, ca=None, q=q, q2=q2, iq=1 / q))
+        for i, b in enumerate(self.blocks):
+            r, c = aux[3 * i], aux[3 * i + 1]
+            iq: Any = aux[3 * i + 2]  # a float, or a 0-d tensor under prior_cap
+            out.append(dataclasses.replace(b, r=r, c=c, a=None, ca=None, iq=iq))
         return out
 
     def update(
-        self, state: list[Tensor], stats: list[Tensor], grads: list[Tensor], frozen: Tensor
+        self,
+        state: list[Tensor],
+        stats: list[Tensor],
+        grads: list[Tensor],
+        frozen: Tensor,
+        step: Tensor | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         pre, aux = self.pre, []
-        for i, b in enumerate(self.blocks):
+        for i, (b, q2) in enumerate(zip(self.blocks, self.q2, strict=True)):
             mu, var = stats[2 * i], stats[2 * i + 1]
             s2 = var + (var.amax() * pre.eps1 + pre.eps2)
+            iq: Any = 1.0 / math.sqrt(q2)
+            prior = pre._priors.get(b.ref.name)
+            if pre.prior_cap is not None and prior is not None and step is not None:
+                # the eager cap (BNP._capped, tensor arithmetic): q depends on the statistics
+                s2, q2_t = BNP._capped(b, mu, s2, q2, prior, step, pre.prior_cap)
+                iq = q2_t.rsqrt().to(s2.dtype)
             r = s2.rsqrt()
             c = mu * r
             if not b.dense:
                 g, _, cin_g, _ = b.shape4
                 r, c = r.view(g, 1, cin_g, 1), c.view(g, 1, cin_g, 1)
-            aux += [r, c]
+            aux += [r, c, iq]
         if self.others is not None:
             other_g = [grads[i] for i in self.other_pos]
             state, o_aux = self.others.update(state, [], other_g, frozen)
@@ -276,7 +303,7 @@ class _BNPState(_IdentityState):
         if self.others is None or not self.other_pos:
             return values
         out = list(values)
-        scaled = self.others.apply(aux[self.stats_size :], [values[i] for i in self.other_pos])
+        scaled = self.others.apply(aux[self.n_aux :], [values[i] for i in self.other_pos])
         for i, v in zip(self.other_pos, scaled, strict=True):
             out[i] = v
         return out
@@ -311,11 +338,11 @@ class _BNPState(_IdentityState):
         gz = self._others(aux, self._map(aux, values, to_z=True))
         if self.rms is None:
             return gz
-        return self.rms.apply(aux[self.stats_size :], gz)
+        return self.rms.apply(aux[self.n_aux :], gz)
 
     def apply(self, aux: list[Tensor], values: list[Tensor]) -> list[Tensor]:
         if self.rms is not None:
-            values = self.rms.apply(aux[self.stats_size :], values)
+            values = self.rms.apply(aux[self.n_aux :], values)
         return self._others(aux, self._map(aux, values, to_z=False))
 
     def observe(
@@ -346,7 +373,7 @@ class _BNPState(_IdentityState):
             b.fresh = False  # BNP derives r and c from the statistics when it is asked again
 
     def export(self, aux: list[Tensor]) -> list[Tensor]:
-        return aux[self.stats_size :]  # RMSprop's (r and c are derived again when needed)
+        return aux[self.n_aux :]  # RMSprop's (r, c and q are derived again when needed)
 
     def store(self, state: list[Tensor], stats: list[Tensor], aux: list[Tensor]) -> None:
         self.set_stats(stats)
@@ -594,7 +621,7 @@ class CompiledUpdate:
             # the layer inputs of this forward pass (trace-time hooks), folded in the graph
             return -lp, (lp, fn.observe(stats, self._inputs, frozen))
 
-        state, aux = fn.update(state, stats, g, frozen)
+        state, aux = fn.update(state, stats, g, frozen, coef[4])
         c = coef.to(self.dtype)
         at_g = fn.apply_t(aux, g)
         # u = s xi - k A^T g (s: noise scale, k: drift coefficient)
@@ -710,7 +737,10 @@ class CompiledUpdate:
 
     # ------------------------------------------------------------------ the loop
     def _coef(self, eps: float) -> Tensor:
-        """``[s, k, decay, h]`` of the update at step size ``eps`` (float64, on the device)."""
+        """``[s, k, decay, h, cap]`` of the update at step size ``eps`` (float64, on the device).
+
+        ``cap``: the SGLD step size of equal stability, for ``BNP(prior_cap=...)``.
+        """
         cached = self._coef_cache
         if cached is not None and cached[0] == eps:
             return cached[1]
@@ -720,6 +750,7 @@ class CompiledUpdate:
             values = [math.sqrt(max(var, 0.0)), eps, 1.0 - eps * kernel.friction, eps]
         else:
             values = [math.sqrt(eps * temp), 0.5 * eps, 1.0, 1.0]
+        values.append(kernel._sgld_equivalent(eps))
         out = torch.tensor(values, dtype=torch.float64, device=self.device)
         self._coef_cache = (eps, out)
         return out
@@ -757,6 +788,7 @@ class CompiledUpdate:
         try:
             diverging = self._loop(chain, num_updates, state, stats, z, g, frozen, flags)
         finally:  # the preconditioner's state as of the last update made, once per draw
+            fn.set_step(kernel._sgld_equivalent(chain.eps))
             if self._out_state is not None:
                 fn.store(*self._out_state)
                 self._out_state = None

@@ -198,15 +198,19 @@ def test_pyromodule_cache_path_traced_equals_eager():
     assert _max_rel(runs[1], runs[0]) < 1e-10
 
 
+class _MyRMSprop(RMSprop):
+    """A user's subclass: its update may differ from RMSprop's, so it is not compiled."""
+
+
 def test_unsupported_preconditioner_warns_under_true_and_is_silent_under_auto():
-    """BNP(prior_cap=...) has no compiled form: a named warning under True, none under "auto",
-    and the chain is the eager one."""
-    x, y = torch.randn(64, 3, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    """A preconditioner class without a compiled form: a named warning under True, none under
+    "auto", and the chain is the eager one."""
+    x, y = _data()
 
     def kernel(comp):
-        return SGLD(LinearRegression(3), 1e-4, preconditioner=BNP(prior_cap=1.0), compile=comp)
+        return _kernel(SGLD, _MyRMSprop(), comp)
 
-    with pytest.warns(RuntimeWarning, match=r"prior_cap=\.\.\.\) has no compiled form"):
+    with pytest.warns(RuntimeWarning, match=r"_MyRMSprop\) has no compiled form"):
         _, k = _draws(kernel(True), x, y, num_samples=5)
     assert k._compiled is None
     with warnings.catch_warnings():
@@ -215,6 +219,30 @@ def test_unsupported_preconditioner_warns_under_true_and_is_silent_under_auto():
         auto, _ = _draws(kernel("auto"), x, y, num_samples=5)
     for name in eager:
         assert torch.equal(auto[name], eager[name])
+
+
+def test_bnp_prior_cap_traced_chain_equals_eager_chain():
+    """``BNP(prior_cap=1.0)`` where the cap binds (nearly constant inputs, a stiff prior) under
+    a decreasing step size: the cap (s^2 floored, q enlarged) is computed in the graph from the
+    statistics and the step size, and the chain follows the eager one."""
+    from test_bnp_stability import _ConstantInputs
+    from test_bnp_stability import _data as constant_data
+
+    from pyro_bnp import schedules
+
+    x, y = constant_data()
+    runs = []
+    for comp in (False, "trace"):
+        pre = BNP(prior_cap=1.0)
+        k = SGLD(_ConstantInputs(), schedules.polynomial(2e-4, 50.0), subsample_size={"data": 20},
+                 preconditioner=pre, compile=comp)  # fmt: skip
+        samples, _ = _draws(k, x, y, num_samples=300)
+        runs.append((samples, pre.layer_summary()["fc"]["q2"]))
+    (se, qe), (st, qt) = runs
+    assert k._compiled is not None and k._compiled.verified
+    assert qe > 1.01  # the cap binds: q^2 above its balance factor max(3 / 20, 1) = 1
+    assert _max_rel(st, se) < 1e-4, _max_rel(st, se)
+    assert qt == pytest.approx(qe, rel=1e-5)
 
 
 def _bnp_run(cls, pre, comp, checks="host", num_samples=1000, warmup_steps=0, **kw):
