@@ -252,7 +252,10 @@ class _BNPState(_IdentityState):
         out = []
         for b in self.blocks:
             st = b.ref.stats
-            out += [st.mean.to(b.device, b.dtype), st.var.to(b.device, b.dtype)]
+            for t in (st.mean, st.var):
+                out.append(
+                    t if t.dtype == b.dtype and t.device == b.device else t.to(b.device, b.dtype)
+                )
         return out
 
     def _blocks_with(self, aux: list[Tensor]) -> list[Any]:
