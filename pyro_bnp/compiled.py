@@ -63,7 +63,6 @@ COMPILE_MODES: tuple[Any, ...] = (False, True, "auto", "trace")
 
 # positions in the float64 counter vector carried from update to update
 _RIR, _MAXRIR, _DIV, _BOOM, _BOOM_VAL, _BOOM_AT, _COUNT, _ACC, _LP, _GNORM = range(10)
-_NUM_FLAGS = 10
 
 
 class CompileUnsupported(RuntimeError):
@@ -75,15 +74,18 @@ class _IdentityState:
 
     The protocol: :attr:`size` tensors of state changed before the move (RMSprop's ``V``),
     :attr:`stats_size` tensors of layer statistics changed by the forward pass at the proposal
-    (BNP's, undone when it is rejected); :meth:`update` returns the new state and ``aux`` (what
-    the maps need); :meth:`apply` is ``A``, :meth:`apply_t` is ``A^T``; :meth:`observe` folds
-    the layer inputs of the forward pass into the statistics (inside the traced gradient);
-    :meth:`store` writes the results back into the preconditioner object.
+    (BNP's, undone when it is rejected), read by :meth:`state` and :meth:`stats`;
+    :meth:`update` returns the new state and ``aux`` (what the maps need); :meth:`apply` is
+    ``A``, :meth:`apply_t` is ``A^T``; :meth:`observe` folds the layer inputs of the forward
+    pass into the statistics (inside the traced gradient; :attr:`modules` are the layers whose
+    inputs it needs); :meth:`export` picks the part of ``aux`` returned from the graph;
+    :meth:`store`, :meth:`set_stats`, :meth:`set_step` and :meth:`count_batches` write the
+    results back into the preconditioner object; :meth:`key` is what the graph depends on.
     """
 
     size = 0
     stats_size = 0
-    modules: list[Any] = []
+    modules: Sequence[Any] = ()
 
     def __init__(self, pre: Preconditioner, names: Sequence[str], kernel: Any) -> None:
         self.pre = pre

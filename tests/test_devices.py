@@ -200,22 +200,28 @@ def test_arviz_export_from_the_device(device):
 
 
 # -- CUDA only: inductor on the GPU (on the CPU, tests/test_compiled.py covers it) ------------
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+INDUCTOR_DEVICES = [d for d in DEVICES if not isinstance(d, str)]  # the CUDA param only
+
+
+@pytest.mark.parametrize("device", INDUCTOR_DEVICES)
 @pytest.mark.parametrize("sampler", [SGLD, SGHMC], ids=["sgld", "sghmc"])
-@pytest.mark.parametrize("pre", ["identity", "rmsprop"])
-def test_inductor_update_on_cuda_follows_the_eager_chain(sampler, pre):
-    x, y = _data("cuda", torch.float32)
-    extra = {"friction": 5.0} if sampler is SGHMC else {}
-    step = 1e-4 if sampler is SGLD else 1e-2
+@pytest.mark.parametrize("pre", ["identity", "rmsprop", "bnp", "bnp+rmsprop"])
+def test_inductor_update_follows_the_eager_chain(device, sampler, pre):
+    """``compile=True`` on the GPU (device guards by default): 300 updates within float32
+    rounding of the eager chain; BNP's layer statistics too, and on the device."""
+    x, y = _data(device, torch.float32)
+    extra = {"friction": 5.0, "health": None} if sampler is SGHMC else {}
+    step = 1e-4 if sampler is SGLD else 1e-3
     runs = []
     for comp in (False, True):
-        k = sampler(linreg, step, subsample_size={"data": 40}, preconditioner=pre, compile=comp,
-                    **extra)  # fmt: skip
+        model = MLP(device, torch.float32) if "bnp" in pre else linreg
+        k = sampler(model, step, subsample_size={"data": 40},
+                    preconditioner=_preconditioner(pre), compile=comp, **extra)  # fmt: skip
         runs.append(_run(k, x, y, num_samples=300, warmup_steps=0).get_samples())
         if comp:
             assert k._compiled is not None and k._compiled.verified
-            assert not k._compiled.host_checks  # device checks by default off the CPU
+            assert k._compiled.host_checks == (device == "cpu")
+            _assert_on(k, device, torch.float32)
     eager, compiled = runs
     for name in eager:
         rel = (compiled[name] - eager[name]).abs().max() / eager[name].abs().max()
