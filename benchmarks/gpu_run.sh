@@ -32,7 +32,13 @@ if grep -q "failed" "$OUT/tests.log"; then
     tests/test_devices.py tests/test_compiled.py 2>&1 | tail -40 | tee -a "$OUT/tests.log"
 fi
 
+# the GPU table: a subset of the contenders (each compiled one costs an inductor compilation,
+# tens of seconds for ResNet-20); CONTENDERS=all runs every one
 cd "$root/benchmarks" || exit 1
+default="identity eager,identity compiled,bnp eager,bnp compiled,identity compiled unroll10"
+default="$default,identity compiled cudagraphs"
+contenders=${CONTENDERS:-$default}
+[ "$contenders" = all ] && contenders=""
 timeout "${BENCH_S:-330}" python3 bench_compiled.py --device cuda --threads 0 \
   --cases "${CASES:-mlp-784-400-400-10,resnet20-3x32x32}" --budget "${BUDGET:-8}" \
-  ${CONTENDERS:+--contenders "$CONTENDERS"} --out "$OUT/compiled_cuda.json" 2>&1 | tee "$OUT/bench.log"
+  ${contenders:+--contenders "$contenders"} --out "$OUT/compiled_cuda.json" 2>&1 | tee "$OUT/bench.log"

@@ -826,6 +826,9 @@ class CompiledUpdate:
         m: list[Tensor] = []
         while done < num_updates:
             k = self.unroll if self.verified and num_updates - done >= self.unroll else 1
+            every = getattr(kernel, "resample_momentum", None)  # SGHMC: a fresh momentum at t
+            if k > 1 and every is not None and any((chain.t + j) % every == 0 for j in range(1, k)):
+                k = 1  # only at the start of a call (the eager order of the random draws)
             graph = self._fns.get(k)
             undo = None
             if graph is None:  # a failed trace must leave the chain as it found it

@@ -112,6 +112,20 @@ def test_unrolled_updates_equal_one_update_per_call(cls, pre):
     assert out[1][1] == out[4][1] == 240
 
 
+def test_unrolled_sghmc_resamples_the_momentum_where_eager_does():
+    """``resample_momentum=10`` with ``unroll=4``: a call never spans a resampling point (the
+    draws that would are made one update per call), so the chain equals one call per update
+    bit for bit."""
+    out = []
+    for unroll in (1, 4):
+        k = _kernel(SGHMC, "identity", "trace", thin=4, resample_momentum=10,
+                    compile_options={"checks": "device", "unroll": unroll})  # fmt: skip
+        out.append(_draws(k, *_data(), num_samples=60)[0])
+        assert set(k._compiled._fns) == ({1} if unroll == 1 else {1, 4})
+    for name in out[0]:
+        assert torch.equal(out[0][name], out[1][name]), name
+
+
 def test_inductor_chain_equals_eager_chain():
     """The inductor-compiled update: same chain within float32 rounding over 1000 updates."""
     x, y = _data()
