@@ -4,7 +4,9 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_run.sh        # from the repository root
 #
 # Uses the machine's python3 and its torch (CUDA build). Packages missing there can be given as
-# wheels in .whl/ (installed with --target, no network). Writes under $OUT: gpu.txt (machine),
+# wheels in .whl/ (installed with --target, no network); the H200 image lacks pyro-ppl 1.9.2,
+# pyro-api 0.1.2, arviz-base 0.8.2, arviz-stats 0.8.0 and xarray-einstats 0.9.1 (pure-Python
+# wheels: pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl NAME==VER). Writes under $OUT: gpu.txt (machine),
 # tests.log, junit.xml, bench.log and compiled_cuda.json. TEST_S / BENCH_S bound each part.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
