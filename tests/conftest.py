@@ -26,6 +26,11 @@ def ess_per_coordinate(draws: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(arviz_stats.ess(da, method="mean").values)
 
 
+def max_rel(a, b):
+    """Largest relative difference of two dicts of draws: max over sites of max|a - b| / max|b|."""
+    return max(float((a[k] - b[k]).abs().max()) / (float(b[k].abs().max()) + 1e-12) for k in b)
+
+
 @pytest.fixture(autouse=True)
 def _clear_param_store():
     pyro.clear_param_store()

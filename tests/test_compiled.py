@@ -14,6 +14,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from bnp_models import LinearRegression
+from conftest import max_rel
 from pyro.infer import MCMC
 from sgld_models import badly_scaled_features, conjugate_linreg, gaussian_target, linreg
 from test_exact_posteriors import _check_variance_law, _conjugate_check, _stack
@@ -28,10 +29,6 @@ def _draws(kernel, *args, num_samples=200, warmup_steps=0, seed=1):
     mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps, disable_progbar=True)
     mcmc.run(*args)
     return mcmc.get_samples(), kernel
-
-
-def _max_rel(a, b):
-    return max(float((a[k] - b[k]).abs().max()) / (float(b[k].abs().max()) + 1e-12) for k in b)
 
 
 def _data(dtype=torch.float32):
@@ -55,7 +52,7 @@ def test_traced_chain_equals_eager_chain(cls, pre):
     traced, kernel = _draws(_kernel(cls, pre, "trace"), x, y, num_samples=1000)
     assert kernel._compiled is not None and kernel._compiled.verified
     # float32 rounding of the same equation written in another order
-    assert _max_rel(traced, eager) < 1e-4, _max_rel(traced, eager)
+    assert max_rel(traced, eager) < 1e-4, max_rel(traced, eager)
 
 
 @pytest.mark.parametrize("checks", ["host", "device"])
@@ -72,8 +69,8 @@ def test_rmsprop_frozen_after_warmup_traced_equals_eager(checks):
         runs.append((samples, v_end, pre.frozen))
     (se, ve, fe), (sc, vc, fc) = runs
     assert fe and fc
-    assert _max_rel(sc, se) < 1e-4
-    assert _max_rel(vc, ve) < 1e-4
+    assert max_rel(sc, se) < 1e-4
+    assert max_rel(vc, ve) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -133,7 +130,7 @@ def test_inductor_chain_equals_eager_chain():
     compiled, kernel = _draws(_kernel(SGLD, "rmsprop", True), x, y, num_samples=1000)
     assert kernel._compiled is not None and kernel._compiled.verified
     assert kernel._compiled.compile_seconds > 0
-    assert _max_rel(compiled, eager) < 1e-4, _max_rel(compiled, eager)
+    assert max_rel(compiled, eager) < 1e-4, max_rel(compiled, eager)
 
 
 def test_graph_is_reused_across_chains():
@@ -209,7 +206,7 @@ def test_pyromodule_cache_path_traced_equals_eager():
         samples, kernel = _draws(k, x, y, num_samples=500)
         assert kernel.potential.fast_sites == {"linear.weight", "linear.bias"}
         runs.append(samples)
-    assert _max_rel(runs[1], runs[0]) < 1e-10
+    assert max_rel(runs[1], runs[0]) < 1e-10
 
 
 class _MyRMSprop(RMSprop):
@@ -255,7 +252,7 @@ def test_bnp_prior_cap_traced_chain_equals_eager_chain():
     (se, qe), (st, qt) = runs
     assert k._compiled is not None and k._compiled.verified
     assert qe > 1.01  # the cap binds: q^2 above its balance factor max(3 / 20, 1) = 1
-    assert _max_rel(st, se) < 1e-4, _max_rel(st, se)
+    assert max_rel(st, se) < 1e-4, max_rel(st, se)
     assert qt == pytest.approx(qe, rel=1e-5)
 
 
@@ -289,7 +286,7 @@ def test_bnp_traced_chain_equals_eager_chain(cls, rms, checks):
     ]
     (se, le, _), (st, lt, k) = runs
     assert k._compiled is not None and k._compiled.verified
-    assert _max_rel(st, se) < 1e-4, _max_rel(st, se)
+    assert max_rel(st, se) < 1e-4, max_rel(st, se)
     for name, (mean, var, count) in le.items():
         assert lt[name][2] == count == 1001
         assert float((lt[name][0] - mean).abs().max() / mean.abs().max()) < 1e-4
@@ -313,8 +310,8 @@ def test_bnp_others_traced_chain_equals_eager_chain(cls):
     (se, ve), (st, vt) = runs
     assert k._compiled is not None and k._compiled.verified
     assert set(vt) == {"sigma"}
-    assert _max_rel(st, se) < 1e-4, _max_rel(st, se)
-    assert _max_rel(vt, ve) < 1e-4
+    assert max_rel(st, se) < 1e-4, max_rel(st, se)
+    assert max_rel(vt, ve) < 1e-4
 
 
 def test_bnp_frozen_after_warmup_traced_equals_eager():
@@ -332,7 +329,7 @@ def test_bnp_frozen_after_warmup_traced_equals_eager():
     ]
     (se, le, _), (st, lt, k) = runs
     assert k.preconditioner.frozen and k._compiled is not None
-    assert _max_rel(st, se) < 1e-4
+    assert max_rel(st, se) < 1e-4
     for name, (mean, _, count) in le.items():
         assert lt[name][2] == count == 101  # the first evaluation and 100 warmup updates
         assert float((lt[name][0] - mean).abs().max() / mean.abs().max()) < 1e-4
@@ -383,7 +380,7 @@ def test_a_graph_that_disagrees_with_the_eager_potential_falls_back(monkeypatch)
     with pytest.warns(RuntimeWarning, match=r"disagree with the eager potential's .*lp 0\.0"):
         out, k = _draws(SGLD(linreg, 1e-4, compile="trace", **opts), x, y, num_samples=50)
     assert k._compiled is None
-    assert _max_rel(out, eager) < 1e-4
+    assert max_rel(out, eager) < 1e-4
 
 
 def test_an_inductor_failure_falls_back_with_its_reason():

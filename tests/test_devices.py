@@ -12,6 +12,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import max_rel
 from pyro.infer import MCMC
 from pyro.nn import PyroModule, PyroSample
 from sgld_models import badly_scaled_features, gaussian_target, linreg
@@ -167,9 +168,7 @@ def test_traced_update_follows_the_eager_chain_on_the_device(device, checks, pre
             assert k._compiled.host_checks == (checks == "host")
             _assert_on(k, device, torch.float32)
     eager, traced = runs
-    for name in eager:
-        rel = (traced[name] - eager[name]).abs().max() / eager[name].abs().max()
-        assert rel < 1e-4, (name, float(rel))
+    assert max_rel(traced, eager) < 1e-4, max_rel(traced, eager)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -223,6 +222,4 @@ def test_inductor_update_follows_the_eager_chain(device, sampler, pre):
             assert k._compiled.host_checks == (device == "cpu")
             _assert_on(k, device, torch.float32)
     eager, compiled = runs
-    for name in eager:
-        rel = (compiled[name] - eager[name]).abs().max() / eager[name].abs().max()
-        assert rel < 1e-4, (name, float(rel))
+    assert max_rel(compiled, eager) < 1e-4, max_rel(compiled, eager)
