@@ -775,8 +775,10 @@ class CompiledUpdate:
             disagree with the eager potential's (the chain is left at a valid, evaluated state).
         """
         kernel, fn, names = self.kernel, self.functional, self.names
-        if self._flags is None or self._last != (chain.lp, chain.gnorm, chain.rejected_in_row):
-            # the chain changed outside this object (a start, a resume, an eager update)
+        if self._flags is None or (
+            not self.host_checks and self._last != (chain.lp, chain.gnorm, chain.rejected_in_row)
+        ):  # the chain changed outside this object (a start, a resume, an eager update); with
+            # host checks the graph ignores the counters (the host keeps them): made once
             rir = chain.rejected_in_row
             self._flags = torch.tensor(
                 [rir, rir, 0, 0, 0, -1, 0, 0, chain.lp, chain.gnorm],

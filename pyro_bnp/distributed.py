@@ -351,16 +351,19 @@ class ShardedPotential:
         pos: dict[str, int],
         generator: torch.Generator | None,
     ) -> dict[str, Tensor]:
-        """Return this rank's next mini-batch (``perms``, ``pos`` and ``generator`` are unused).
+        """Return this rank's next mini-batch (``perms`` and ``pos`` are unused).
 
         Evaluation ``k`` feeds :func:`shard_indices` ``(seed, rank, shard, B_r, k)``; the
-        chain's shared generator is not touched, so the noise stays the same on every rank.
+        chain's shared generator is not touched, so the noise stays the same on every rank; its
+        device is where the indices are returned (the parameters' device).
         """
         shard, b, k = self.shard, self.batch_size, self.evaluations
         epoch = k // _per_epoch(shard, b)
         self.evaluations += 1
         if epoch != self._epoch or self._perm is None:
-            self._perm = _epoch_perm(self.seed, self.rank, shard, epoch)
+            perm = _epoch_perm(self.seed, self.rank, shard, epoch)  # drawn on the CPU: the
+            # same rows on every device; moved once per epoch to where the chain draws its noise
+            self._perm = perm if generator is None else perm.to(generator.device)
             self._epoch = epoch
         return {self.plate: self._perm[_slot(shard, b, k)]}
 

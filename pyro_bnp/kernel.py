@@ -716,10 +716,11 @@ class SGLD(SGMCMC):
         ``False`` (default): the eager update. ``True``: one compiled graph per update
         (:mod:`pyro_bnp.compiled`: ``make_fx`` of the whole update over the unchanged model, then
         inductor), with the eager update as fallback and a warning (once) that says why.
-        ``"auto"``: the same, but silent where the preconditioner has no compiled form yet (BNP);
-        ``"trace"``: the traced graph without inductor (for debugging). Compiled:
-        ``"identity"`` and ``"rmsprop"``. The chain is the eager one within float rounding
-        (docs/usage.md, "Compiled updates").
+        ``"auto"``: the same, but silent where the preconditioner has no compiled form (a class
+        of your own, or a subclass of ours); ``"trace"``: the traced graph without inductor
+        (for debugging). Compiled: every built-in preconditioner (``"identity"``,
+        ``"rmsprop"``, ``"bnp"``, ``"bnp+rmsprop"``, ``"bnp-others"``, ``BNP(prior_cap=...)``).
+        The chain is the eager one within float rounding (docs/usage.md, "Compiled updates").
     compile_options : dict, optional
         Inductor options (``torch._inductor.config``) and ``"checks"``: ``"host"``, ``"device"``
         or ``"auto"`` (where the guards are read; :class:`pyro_bnp.compiled.CompiledUpdate`).

@@ -109,6 +109,57 @@ def test_unrolled_updates_equal_one_update_per_call(cls, pre):
     assert out[1][1] == out[4][1] == 120
 
 
+class _HostReads:
+    """Count the tensor reads into Python (``item``, ``tolist``, ``float``, ``bool``, ...): each
+    is a device synchronisation on a GPU. Without a GPU this is how the hot path is checked."""
+
+    METHODS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def read(tensor, *args, **kwargs):
+            self.count += 1
+            return original(tensor, *args, **kwargs)
+
+        return read
+
+
+@pytest.mark.parametrize("pre", ["identity", "bnp+rmsprop"])
+@pytest.mark.parametrize("unroll", [1, 4])
+def test_device_checks_read_the_host_once_per_draw_not_per_update(monkeypatch, pre, unroll):
+    """With ``checks="device"`` a draw of 8 updates reads the device as often as a draw of 1
+    (the counters, once per draw), whether the 8 are one graph call each or two calls of 4; with
+    ``checks="host"`` every update adds its reads."""
+    from test_devices import MLP
+
+    x, y = _data()
+    per_draw = {}
+    for checks, thin in (("device", 1), ("device", 8), ("host", 1), ("host", 8)):
+        if checks == "host" and unroll > 1:
+            continue
+        model = MLP("cpu", torch.float32) if pre != "identity" else linreg
+        pre_obj = BNP(rmsprop=RMSprop()) if pre != "identity" else "identity"
+        opts = {"checks": checks, "unroll": unroll if thin % unroll == 0 else 1}
+        k = SGLD(model, 1e-4, subsample_size={"data": 40}, preconditioner=pre_obj,
+                 compile="trace", compile_options=opts, thin=thin)  # fmt: skip
+        _draws(k, x, y, num_samples=3)  # traced, verified, in its sampling phase
+        last = k._returned  # what Pyro passes back: the chain's cached state, no evaluation
+        assert last is not None
+        reads = _HostReads(monkeypatch)
+        k.sample(last)
+        per_draw[checks, thin] = reads.count
+        monkeypatch.undo()
+        assert k._compiled is not None and k._compiled.verified
+    assert per_draw["device", 8] == per_draw["device", 1] == 1, per_draw  # the counters
+    if unroll == 1:
+        assert per_draw["host", 8] == 8 * per_draw["host", 1], per_draw
+
+
 def test_unrolled_sghmc_resamples_the_momentum_where_eager_does():
     """``resample_momentum=10`` with ``unroll=4``: a call never spans a resampling point (the
     draws that would are made one update per call), so the chain equals one call per update
@@ -467,6 +518,30 @@ def test_runs_on_cuda(comp):
     assert all(torch.isfinite(v).all() for v in samples.values())
     if comp:
         assert kernel._compiled is not None and not kernel._compiled.host_checks
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("unroll", [1, 4])
+def test_cuda_draw_synchronises_once_whatever_thin(unroll):
+    """On CUDA, ``torch.cuda.set_sync_debug_mode`` counts the synchronisations of one draw:
+    as many for 8 updates as for 1 (the counters, read once per draw)."""
+    x, y = (t.cuda() for t in _data())
+    syncs = {}
+    for thin in (1, 8):
+        opts = {"checks": "device", "unroll": unroll}
+        k = _kernel(SGLD, "rmsprop", True, thin=thin, compile_options=opts)
+        _draws(k, x, y, num_samples=3)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                k.sample(k._returned)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs[thin] = sum("synchroniz" in str(w.message) for w in caught)
+    assert syncs[8] == syncs[1] >= 1, syncs
 
 
 @pytest.mark.slow
