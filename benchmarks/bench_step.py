@@ -15,14 +15,18 @@ contenders, interleaved round-robin in one loop (see :mod:`common`):
   (``h = sqrt(eps (2 - c) / 2)``, friction ``c / h``, ``c = 0.1``), in the same round-robin, so
   ``sghmc_over_sgld`` (the median of SGHMC's step over SGLD's, per preconditioner) compares
   them under the same load;
+* ``identity compiled``, ``bnp compiled`` (issue 16): the same kernels with ``compile=True``
+  (:mod:`pyro_bnp.compiled`, one graph per update); not in ``--quick`` runs (compilation takes
+  seconds); :mod:`bench_compiled` has the full comparison. Their compile times are reported
+  apart (``compile_s``), outside the timed blocks;
 * ``pyro_grad``: ``pyro.ops.integrator.potential_grad`` of the ``potential_fn`` that
   ``pyro.infer.mcmc.util.initialize_model`` builds for the same model, fed the same mini-batch
   (``pyro.plate(..., subsample=idx)``), plus a plain in-place SGLD update;
 * ``posteriors``: ``posteriors.sgmcmc.sgld`` (``torch.func`` on the plain network), when the
   library is importable (it is not a dependency of this project).
 
-Reported: per-step medians (us), the ratio to ``hand``, the BNP overhead over ``identity`` and
-SGHMC's step over SGLD's per preconditioner.
+Reported: per-step medians (us), the ratio to ``hand``, the BNP overhead over ``identity``
+(eager, and compiled over compiled), SGHMC's step over SGLD's per preconditioner.
 Run ``python benchmarks/bench_step.py [--quick] [--profile]``; ``--profile`` prints cProfile
 tables of one ``SGLD.sample`` step instead of timing.
 """
@@ -34,6 +38,7 @@ import cProfile
 import io
 import math
 import pstats
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +76,7 @@ BATCH = 128
 # targets from the issue: ours (identity, i.e. the same algorithm) / hand-written
 TARGETS = {"mlp-10-50-1": 2.0, "mlp-784-400-400-10": 1.2}
 BNP_OVERHEAD_TARGET = 1.10
+COMPILED = ("identity", "bnp")  # the compiled contenders (not in --quick runs)
 
 
 def make_case(name: str, n: int, seed: int = 0) -> dict[str, Any]:
@@ -105,6 +111,7 @@ def ours(
     seed: int = 0,
     pkg: Any = pyro_bnp,
     sampler: str = "sgld",
+    compile: bool = False,
 ) -> tuple[Callable, Any]:
     """``SGLD.sample`` (or ``SGHMC.sample``) in a loop (thin=1), from the same initial weights.
 
@@ -112,10 +119,12 @@ def ours(
     ``FROZEN_WARMUP`` updates (run here, untimed): the statistics and ``M`` are constant.
     ``pkg``: the pyro_bnp package to time (``compare_step.py`` passes an older version).
     ``sampler="sghmc"``: ``SGHMC`` at ``h = sqrt(step_size (2 - c) / 2)``, friction ``c / h``.
+    ``compile=True``: the compiled update (compiled at the first call of ``step``).
     """
     model = BayesNet(case["net"], case["likelihood"], sigma=0.1)
     frozen = pre == "bnp-frozen"
     preconditioner: Any = pkg.BNP(freeze_after_warmup=True) if frozen else pre
+    extra = {"compile": True} if compile else {}  # (older versions of pkg have no compile=)
     if sampler == "sghmc":
         h = math.sqrt(step_size * (2.0 - SGHMC_DECAY) / 2.0)
         kernel = pkg.SGHMC(
@@ -124,10 +133,15 @@ def ours(
             friction=SGHMC_DECAY / h,
             subsample_size={"data": BATCH},
             preconditioner=preconditioner,
+            **extra,
         )
     else:
         kernel = pkg.SGLD(
-            model, step_size, subsample_size={"data": BATCH}, preconditioner=preconditioner
+            model,
+            step_size,
+            subsample_size={"data": BATCH},
+            preconditioner=preconditioner,
+            **extra,
         )
     kernel.initial_params = site_values(case["net"])
     torch.manual_seed(seed)
@@ -215,6 +229,15 @@ def bench_case(name: str, *, quick: bool, budget_s: float) -> dict[str, Any]:
     for pre in PRECONDITIONERS:
         key = f"sghmc {pre}"
         contenders[key], kernels[key] = ours(case, pre, eps, sampler="sghmc")
+    compile_s = {}
+    for pre in () if quick else COMPILED:
+        key = f"{pre} compiled"
+        contenders[key], kernels[key] = ours(case, pre, eps, compile=True)
+        start = time.perf_counter()
+        contenders[key]()  # the first draw traces and compiles: not timed
+        compile_s[key] = time.perf_counter() - start
+        if kernels[key]._compiled is None:
+            raise RuntimeError(f"{name} {key}: the kernel fell back to the eager update")
     contenders["pyro_grad"] = pyro_grad(case, eps)
     post = posteriors_step(case, eps)
     if post is not None:
@@ -245,6 +268,17 @@ def bench_case(name: str, *, quick: bool, budget_s: float) -> dict[str, Any]:
         "bnp_frozen_overhead": ratio(timings, "bnp-frozen", "identity"),
         "bnp_frozen_overhead_paired": paired_ratio(timings, "bnp-frozen", "identity"),
         "bnp_rmsprop_over_rmsprop": ratio(timings, "bnp+rmsprop", "rmsprop"),
+        "compile_s": compile_s,
+        **(
+            {
+                "bnp_compiled_overhead": ratio(timings, "bnp compiled", "identity compiled"),
+                "bnp_compiled_overhead_paired": paired_ratio(
+                    timings, "bnp compiled", "identity compiled"
+                ),
+            }
+            if compile_s
+            else {}
+        ),
         "sghmc_over_sgld": {pre: ratio(timings, f"sghmc {pre}", pre) for pre in PRECONDITIONERS},
         "sghmc_over_sgld_paired": {
             pre: paired_ratio(timings, f"sghmc {pre}", pre) for pre in PRECONDITIONERS
@@ -269,12 +303,16 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, str]]:
                 tgt, st = f"<= {target:.1f}x hand", status(r[name], target)
             rows.append({"bench": "step", "case": f"{case} {name}", "value": value, "target": tgt,
                          "status": st})  # fmt: skip
-        for key, label in (("bnp", "bnp"), ("bnp_frozen", "bnp-frozen")):
+        pairs = [("bnp", "bnp"), ("bnp_frozen", "bnp-frozen")]
+        if "bnp_compiled_overhead" in c:
+            pairs.append(("bnp_compiled", "bnp compiled"))
+        for key, label in pairs:
             ov = c[f"{key}_overhead"]
             rows.append(
                 {
                     "bench": "bnp overhead",
-                    "case": f"{case} {label}/identity",
+                    "case": f"{case} {label}/identity"
+                    + (" compiled" if "compiled" in label else ""),
                     "value": f"{ov:.3f}x (paired {c[f'{key}_overhead_paired']:.3f}x)",
                     "target": f"<= {BNP_OVERHEAD_TARGET:.2f}x",
                     "status": status(ov, BNP_OVERHEAD_TARGET),
