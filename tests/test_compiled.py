@@ -344,6 +344,23 @@ def test_bnp_traced_chain_equals_eager_chain(cls, rms, checks):
         assert float((lt[name][1] - var).abs().max() / var.abs().max()) < 1e-4
 
 
+@pytest.mark.parametrize(("cls", "checks", "rms"), [(SGLD, "host", True), (SGHMC, "device", False)],
+                         ids=["sgld-host-bnp+rmsprop", "sghmc-device-bnp"])  # fmt: skip
+def test_bnp_inductor_chain_equals_eager_chain(cls, checks, rms):
+    """``compile=True`` (inductor, what users get) with BNP on the CPU: 1000 updates within
+    float32 rounding of the eager chain, statistics and folded-batch counts included."""
+    runs = [
+        _bnp_run(cls, BNP(rmsprop=RMSprop() if rms else None), comp, checks)
+        for comp in (False, True)
+    ]
+    (se, le, _), (sc, lc, k) = runs
+    assert k._compiled is not None and k._compiled.verified and k._compiled.compile_seconds > 0
+    assert max_rel(sc, se) < 1e-4, max_rel(sc, se)
+    for name, (mean, var, count) in le.items():
+        assert max_rel({"m": lc[name][0], "v": lc[name][1]}, {"m": mean, "v": var}) < 1e-4
+        assert lc[name][2] == count == 1001  # the first evaluation and 1000 updates
+
+
 @pytest.mark.parametrize("cls", [SGLD, SGHMC], ids=["sgld", "sghmc"])
 def test_bnp_others_traced_chain_equals_eager_chain(cls):
     """``BNP(others="rmsprop")``: BNP on the layers, RMSprop on the noise scale outside them."""
