@@ -259,6 +259,7 @@ class SGMCMC(MCMCKernel):
         self._monitor: HealthMonitor | None = None
         self._compiled: CompiledUpdate | None = None
         self._compile_failed = False
+        self._compile_reason: str | None = None
 
     @property
     def initial_params(self) -> dict[str, Tensor]:
@@ -471,6 +472,7 @@ class SGMCMC(MCMCKernel):
     def _stop_compiling(self, reason: str, unexpected: bool) -> None:
         """Fall back to the eager update for this chain; warn (once per reason)."""
         self._compile_failed, self._compiled = True, None
+        self._compile_reason = reason
         if unexpected or self.compile != "auto":
             warn_once(self, reason)
 
@@ -605,8 +607,9 @@ class SGMCMC(MCMCKernel):
         ``step_size`` (of the draw's last update, so schedules can be checked),
         ``grad_norm`` (of ``grad U_hat``), ``diverging`` (a rejected update within the draw),
         ``divergences`` (post-warmup draw indices, as Pyro's ``MCMC.summary`` counts them),
-        ``warmup_divergences``, ``rng_seed`` (the chain's generator seed) and ``health`` (the
-        chain-health events: site, check, update, detail; :class:`pyro_bnp.chain.Health`).
+        ``warmup_divergences``, ``rng_seed`` (the chain's generator seed), ``health`` (the
+        chain-health events: site, check, update, detail; :class:`pyro_bnp.chain.Health`) and
+        ``compile`` (:meth:`compile_report`).
         """
         st = self._stats
         return {
@@ -618,7 +621,36 @@ class SGMCMC(MCMCKernel):
             "warmup_divergences": st.warmup_divergences,
             "rng_seed": 0 if self.chain is None else self.chain.rng_seed,
             "health": [] if self._monitor is None else list(self._monitor.events),
+            "compile": self.compile_report(),
         }
+
+    def compile_report(self) -> dict[str, Any]:
+        """Return what the ``compile=`` path did for the current chain.
+
+        ``mode`` (the argument, as text), ``compiled`` (whether the updates run compiled),
+        ``fallback`` (why they run eagerly: ``"compile=False"``, the reason the warning gave,
+        even under ``"auto"``, which does not warn, or ``"not started"`` before the first
+        draw; None when compiled), ``verified`` (the first accepted update matched the eager
+        potential), ``checks`` (``"host"`` or ``"device"``), ``unroll``, ``trace_s`` and
+        ``inductor_s`` (compile times; None where not taken).
+        """
+        c = self._compiled
+        if c is None:
+            if self.compile is False:
+                fallback: str | None = "compile=False"
+            else:
+                fallback = self._compile_reason or "not started"
+            return {"mode": repr(self.compile), "compiled": False, "fallback": fallback,
+                    "verified": False, "checks": None, "unroll": 1, "trace_s": None,
+                    "inductor_s": None}  # fmt: skip
+
+        def seconds(x: float) -> float | None:
+            return None if math.isnan(x) else round(x, 3)
+
+        return {"mode": repr(self.compile), "compiled": True, "fallback": None,
+                "verified": c.verified, "checks": "host" if c.host_checks else "device",
+                "unroll": c.unroll, "trace_s": seconds(c.trace_seconds),
+                "inductor_s": seconds(c.compile_seconds)}  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         # Pyro's chains in spawned processes unpickle the kernel in a fresh interpreter, which

@@ -278,9 +278,42 @@ def test_unsupported_preconditioner_warns_under_true_and_is_silent_under_auto():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="compile:")
         eager, _ = _draws(kernel(False), x, y, num_samples=5)
-        auto, _ = _draws(kernel("auto"), x, y, num_samples=5)
+        auto, k_auto = _draws(kernel("auto"), x, y, num_samples=5)
     for name in eager:
         assert torch.equal(auto[name], eager[name])
+    # silent, but not invisible: the reason is in the diagnostics
+    report = k_auto.diagnostics()["compile"]
+    assert report["mode"] == "'auto'" and not report["compiled"]
+    assert "_MyRMSprop) has no compiled form" in report["fallback"]
+
+
+def test_compile_report_says_what_ran():
+    """``diagnostics()["compile"]`` (:meth:`SGLD.compile_report`): eager, then compiled and
+    verified with its guard mode and compile times; exported to ArviZ with the diagnostics."""
+    import json
+
+    from pyro_bnp import from_pyro
+
+    x, y = _data()
+    k = _kernel(SGLD, "rmsprop", False)
+    assert k.compile_report()["fallback"] == "compile=False"
+    mcmc = MCMC(k, num_samples=5, warmup_steps=0, disable_progbar=True)
+    mcmc.run(x, y)
+    assert k.diagnostics()["compile"] == {
+        "mode": "False", "compiled": False, "fallback": "compile=False", "verified": False,
+        "checks": None, "unroll": 1, "trace_s": None, "inductor_s": None,
+    }  # fmt: skip
+    k = _kernel(SGLD, "rmsprop", "trace", compile_options={"checks": "device", "unroll": 2})
+    assert k.compile_report()["fallback"] == "not started"
+    mcmc = MCMC(k, num_samples=6, warmup_steps=0, disable_progbar=True)
+    mcmc.run(x, y)
+    report = k.diagnostics()["compile"]
+    assert report["compiled"] and report["verified"] and report["fallback"] is None
+    assert (report["checks"], report["unroll"], report["inductor_s"]) == ("device", 2, None)
+    assert report["trace_s"] > 0
+    idata = from_pyro(mcmc, log_likelihood=False)
+    exported = json.loads(idata.sample_stats.attrs["pyro_diagnostics"])["compile"]
+    assert exported == [report]  # one per chain
 
 
 def test_bnp_prior_cap_traced_chain_equals_eager_chain():
